@@ -1,0 +1,373 @@
+"""The training config: a typed schema, JSON loading, ``--key value`` overrides, clear errors.
+
+Key names follow SimpleTuner where SimpleTuner has one, so a SimpleTuner config can be brought
+over (its ``"--key"`` spelling and ``"controlnet": true`` are accepted too).
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(Exception):
+    """Bad user input in a config file or on the command line. The CLI prints it and exits 2."""
+
+
+# Keys whose values are file-system paths: relative values resolve against the config file's
+# folder (or the working directory for command-line overrides).
+PATH_KEYS = (
+    "data_backend_config",
+    "output_dir",
+    "lycoris_config",
+    "user_prompt_library",
+    "validation_conditioning_image",
+    "assistant_lora_path",
+)
+# Keys that are a local folder *or* a hub id: resolved only when the relative path exists.
+MODEL_KEYS = ("pretrained_model_name_or_path", "controlnet_model_name_or_path")
+# Keys that must name an existing file or folder when set (checked after resolution).
+MUST_EXIST_KEYS = (
+    "data_backend_config",
+    "lycoris_config",
+    "user_prompt_library",
+    "validation_conditioning_image",
+    "assistant_lora_path",
+)
+
+
+class TrainConfig(BaseModel):
+    """Every key slider-cn's training understands. See the README's config reference."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    # --- model -------------------------------------------------------------------------
+    model_family: str = Field(
+        "sd1x", description="Model family: `sd1x` (SD 1.x/2.x) or `sdxl`."
+    )
+    pretrained_model_name_or_path: str = Field(
+        "tiny",
+        description="Diffusers folder or hub id of the base model; `tiny` builds a small random model offline.",
+    )
+    training_mode: Literal["lora", "controlnet"] = Field(
+        "lora",
+        description="`lora`: slider on the base denoiser (a ControlNet, if any, stays frozen). `controlnet`: slider on the ControlNet.",
+    )
+    controlnet: bool = Field(
+        False, description="SimpleTuner's spelling of `training_mode: controlnet`."
+    )
+    controlnet_model_name_or_path: str | None = Field(
+        None,
+        description="ControlNet folder or hub id; unset in controlnet mode builds a fresh one from the denoiser.",
+    )
+    controlnet_conditioning_scale: float = Field(
+        1.0, ge=0.0, description="Scale of the ControlNet residuals fed to the denoiser."
+    )
+
+    # --- adapter -------------------------------------------------------------------------
+    lora_type: Literal["standard", "lycoris"] = Field(
+        "standard",
+        description="`standard`: PEFT LoRA. `lycoris`: the lycoris-lora library, configured by `lycoris_config`.",
+    )
+    lora_rank: int = Field(16, ge=1, description="LoRA rank (standard LoRA).")
+    lora_alpha: float | None = Field(
+        None, gt=0, description="LoRA alpha; unset means alpha = rank (scale 1)."
+    )
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA path.")
+    lycoris_config: str | None = Field(
+        None,
+        description="lycoris_config.json (algo, linear_dim, linear_alpha, ...) for `lora_type: lycoris`.",
+    )
+    slider_lora_target: bool = Field(
+        False,
+        description="Adapt only the slider targets (self-attention, conv/proj, time embedding; never text or cross-attention).",
+    )
+    slider_neutral_mode: Literal["preserve", "regular"] = Field(
+        "preserve",
+        description="Neutral batches: `preserve` matches the frozen base at ±max|s|; `regular` is a plain loss at strength 1.",
+    )
+    slider_allow_unbalanced: bool = Field(
+        False, description="Allow positive and negative groups of different sizes."
+    )
+    assistant_lora_path: str | None = Field(
+        None,
+        description="A LoRA file loaded frozen into the base (e.g. a turbo model's training adapter).",
+    )
+    assistant_lora_strength: float = Field(
+        1.0, description="Strength of the assistant adapter during training."
+    )
+    assistant_lora_inference_strength: float = Field(
+        0.0, description="Strength of the assistant adapter during validation."
+    )
+
+    # --- data ----------------------------------------------------------------------------
+    data_backend_config: str | None = Field(
+        None, description="JSON list of dataset backends (required to train)."
+    )
+    resolution: int = Field(
+        512, ge=8, description="Training resolution in pixels (square), a multiple of 8."
+    )
+
+    # --- schedule ------------------------------------------------------------------------
+    output_dir: str = Field(
+        "output", description="Where checkpoints and the final adapter are written."
+    )
+    max_train_steps: int | None = Field(
+        None, ge=1, description="Optimizer steps to train; overrides num_train_epochs when set."
+    )
+    num_train_epochs: int = Field(
+        1, ge=1, description="Epochs to train when max_train_steps is unset."
+    )
+    train_batch_size: int = Field(1, ge=1, description="Micro-batch size per device.")
+    gradient_accumulation_steps: int = Field(
+        1, ge=1, description="Micro-batches per optimizer step."
+    )
+    learning_rate: float = Field(1e-4, gt=0.0, description="Peak learning rate.")
+    lr_scheduler: Literal[
+        "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
+    ] = Field("constant", description="Learning-rate schedule.")
+    lr_warmup_steps: int = Field(0, ge=0, description="Warm-up steps of the schedule.")
+    optimizer: Literal["adamw", "adamw_8bit"] = Field(
+        "adamw", description="`adamw` (torch) or `adamw_8bit` (needs bitsandbytes)."
+    )
+    adam_beta1: float = Field(0.9, ge=0.0, lt=1.0, description="AdamW beta1.")
+    adam_beta2: float = Field(0.999, ge=0.0, lt=1.0, description="AdamW beta2.")
+    adam_weight_decay: float = Field(1e-2, ge=0.0, description="AdamW weight decay.")
+    adam_epsilon: float = Field(1e-8, gt=0.0, description="AdamW epsilon.")
+    max_grad_norm: float = Field(
+        1.0, ge=0.0, description="Gradient clipping norm; 0 disables clipping."
+    )
+    mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="Autocast precision.")
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in the backward pass to save memory."
+    )
+    seed: int = Field(42, ge=0, description="Seed of weights (tiny), noise and the sampler.")
+
+    # --- checkpoints ---------------------------------------------------------------------
+    checkpointing_steps: int = Field(
+        500, ge=1, description="Write a checkpoint every N optimizer steps."
+    )
+    checkpoints_total_limit: int | None = Field(
+        None, ge=1, description="Keep at most N checkpoints (oldest pruned)."
+    )
+    resume_from_checkpoint: str | None = Field(
+        None, description="`latest` or a checkpoint folder to continue from."
+    )
+
+    # --- validation ----------------------------------------------------------------------
+    validation_prompt: str | None = Field(
+        None, description="Prompt used for validation when no prompt library is given."
+    )
+    user_prompt_library: str | None = Field(
+        None,
+        description='JSON object of named prompts: a string or {"prompt", "adapter_strength"}.',
+    )
+    validation_steps: int = Field(
+        0,
+        ge=0,
+        description="Validate every N optimizer steps; 0 disables validation during training.",
+    )
+    validation_adapter_strength: float = Field(
+        1.0, description="Adapter strength for prompts that give none."
+    )
+    validation_conditioning_image: str | None = Field(
+        None, description="Conditioning image for validation in ControlNet runs."
+    )
+    validation_num_inference_steps: int = Field(
+        20, ge=1, description="Denoising steps per validation image."
+    )
+    validation_guidance: float = Field(
+        7.5, ge=0.0, description="Classifier-free guidance scale for validation."
+    )
+    validation_seed: int | None = Field(
+        None, ge=0, description="Seed of validation images; unset uses `seed`."
+    )
+
+    report_to: Literal["none", "tensorboard", "wandb"] = Field(
+        "none", description="Where metrics are logged."
+    )
+
+    @field_validator("resolution")
+    @classmethod
+    def _multiple_of_8(cls, value: int) -> int:
+        if value % 8:
+            raise ValueError(f"must be a multiple of 8 (got {value}); try {value - value % 8 or 8}")
+        return value
+
+    @field_validator("model_family")
+    @classmethod
+    def _known_family(cls, value: str) -> str:
+        from slider_cn.families import family_names
+
+        names = family_names()
+        if value not in names:
+            raise ValueError(
+                f"unknown model family {value!r}; known: {', '.join(names)}{_suggest(value, names)}"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _simpletuner_controlnet_flag(self) -> TrainConfig:
+        # `"controlnet": true` is SimpleTuner's way of saying controlnet mode.
+        if self.controlnet and self.training_mode != "controlnet":
+            object.__setattr__(self, "training_mode", "controlnet")
+        if self.lora_type == "lycoris" and not self.lycoris_config:
+            raise ValueError(
+                "lora_type 'lycoris' needs lycoris_config (a lycoris_config.json file)"
+            )
+        return self
+
+    @property
+    def is_tiny(self) -> bool:
+        return self.pretrained_model_name_or_path == "tiny"
+
+    @property
+    def effective_lora_alpha(self) -> float:
+        return float(self.lora_alpha if self.lora_alpha is not None else self.lora_rank)
+
+
+KNOWN_KEYS = tuple(TrainConfig.model_fields)
+
+
+def _suggest(word: str, choices: list[str] | tuple[str, ...]) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _normalise_key(key: str) -> str:
+    # SimpleTuner's config.json writes keys as command-line flags: "--learning_rate".
+    return key.lstrip("-").replace("-", "_") if key.startswith("--") else key
+
+
+def read_json(path: Path, what: str = "config") -> Any:
+    """Read a JSON file; a missing file or malformed JSON is a ConfigError with line and column."""
+    if not path.is_file():
+        raise ConfigError(f"{what} file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(
+            f"{path}: malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}"
+        ) from None
+
+
+def parse_overrides(tokens: list[str]) -> dict[str, str | None]:
+    """Turn ``--key value`` / ``--key=value`` tokens into a dict. A bare ``--flag`` means true."""
+    overrides: dict[str, str | None] = {}
+    i = 0
+    while i < len(tokens):
+        token = tokens[i]
+        if not token.startswith("--") or token == "--":
+            raise ConfigError(f"unexpected argument {token!r}: overrides are written --key value")
+        key = token[2:]
+        if "=" in key:
+            key, value = key.split("=", 1)
+            i += 1
+        elif i + 1 < len(tokens) and not tokens[i + 1].startswith("--"):
+            value = tokens[i + 1]
+            i += 2
+        else:
+            value = "true"
+            i += 1
+        overrides[key.replace("-", "_")] = value
+    return overrides
+
+
+def _check_keys(keys: list[str], source: str) -> None:
+    for key in keys:
+        if key not in KNOWN_KEYS:
+            raise ConfigError(f"{source}: unknown key '{key}'{_suggest(key, KNOWN_KEYS)}")
+
+
+def _coerce_cli_value(key: str, value: str | None) -> Any:
+    # Command-line values are strings; pydantic coerces "2" -> int, "true" -> bool, "1e-4" ->
+    # float. "none"/"null" clears an optional key.
+    if value is not None and value.lower() in ("none", "null"):
+        field = TrainConfig.model_fields[key]
+        if not field.is_required() and field.default is None:
+            return None
+    return value
+
+
+def _resolve_paths(values: dict[str, Any], base: Path, keys: set[str]) -> None:
+    for key in keys:
+        value = values.get(key)
+        if not isinstance(value, str) or not value:
+            continue
+        if key in PATH_KEYS:
+            if not Path(value).expanduser().is_absolute():
+                values[key] = str((base / Path(value).expanduser()).resolve())
+            else:
+                values[key] = str(Path(value).expanduser())
+        elif key in MODEL_KEYS and value != "tiny":
+            candidate = base / Path(value).expanduser()
+            if not Path(value).is_absolute() and candidate.exists():
+                values[key] = str(candidate.resolve())
+        elif (
+            key == "resume_from_checkpoint" and value != "latest" and not Path(value).is_absolute()
+        ):
+            values[key] = str((base / value).resolve())
+
+
+def _format_validation_error(exc: ValidationError, source: str) -> str:
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(part) for part in err["loc"]) or "(config)"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            lines.append(f"{source}: unknown key '{key}'{_suggest(key, KNOWN_KEYS)}")
+        elif err["loc"]:
+            lines.append(f"{source}: key '{key}': {msg} (got {err.get('input')!r})")
+        else:
+            lines.append(f"{source}: {msg}")
+    return "\n".join(lines)
+
+
+def load_config(
+    path: str | Path | None, overrides: dict[str, str | None] | None = None
+) -> TrainConfig:
+    """Load a config file (or only defaults when ``path`` is None) and apply overrides."""
+    file_values: dict[str, Any] = {}
+    source = "command line"
+    if path is not None:
+        path = Path(path)
+        raw = read_json(path)
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the config must be a JSON object of key: value pairs")
+        file_values = {_normalise_key(k): v for k, v in raw.items()}
+        _check_keys(list(file_values), str(path))
+        _resolve_paths(file_values, path.parent.resolve(), set(file_values))
+        source = str(path)
+
+    cli_values: dict[str, Any] = {}
+    if overrides:
+        _check_keys(list(overrides), "command line")
+        cli_values = {k: _coerce_cli_value(k, v) for k, v in overrides.items()}
+        _resolve_paths(cli_values, Path.cwd(), set(cli_values))
+
+    merged = {**file_values, **cli_values}
+    try:
+        config = TrainConfig.model_validate(merged)
+    except ValidationError as exc:
+        src = (
+            "command line"
+            if any(e["loc"] and e["loc"][0] in cli_values for e in exc.errors())
+            else source
+        )
+        raise ConfigError(_format_validation_error(exc, src)) from None
+
+    for key in MUST_EXIST_KEYS:
+        value = getattr(config, key)
+        if value is not None and not Path(value).exists():
+            where = "command line" if key in cli_values else source
+            raise ConfigError(f"{where}: key '{key}': file not found: {value}")
+    return config
+
+
+def config_to_json(config: TrainConfig) -> str:
+    return json.dumps(config.model_dump(), indent=2, sort_keys=False)

@@ -1,0 +1,117 @@
+"""The dataloader config: a JSON list of backends, with SimpleTuner's key names."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from slider_cn.config import ConfigError, _suggest, read_json
+
+
+class ConditioningSpec(BaseModel):
+    """Conditioning generated inline for a backend: `{"type": "canny", "params": {...}}`."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class BackendConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(description="Unique name of the backend.")
+    type: Literal["local"] = Field("local", description="Storage type; only local folders.")
+    instance_data_dir: str = Field(description="Folder of images (searched recursively).")
+    dataset_type: Literal["image", "conditioning"] = Field(
+        "image", description="Training images or conditioning images."
+    )
+    conditioning_data: str | None = Field(
+        None, description="Id of the conditioning backend paired with this one."
+    )
+    conditioning: list[ConditioningSpec] | None = Field(
+        None, description="Generate conditioning inline instead of conditioning_data."
+    )
+    caption_strategy: Literal["filename", "textfile", "instanceprompt"] = Field(
+        "filename", description="Where captions come from."
+    )
+    instance_prompt: str | None = Field(
+        None, description="The caption for `instanceprompt` (and the fallback of others)."
+    )
+    resolution: int | None = Field(
+        None, ge=8, description="Resolution of this backend; unset uses the training config's."
+    )
+    probability: float = Field(
+        1.0, ge=0.0, description="Weight of this backend when drawn inside its sign group."
+    )
+    repeats: int = Field(0, ge=0, description="Extra passes over the backend per epoch.")
+    slider_strength: float | None = Field(
+        None, description="> 0 positive group, < 0 negative, 0/unset neutral."
+    )
+    disabled: bool = Field(False, description="Skip this backend.")
+
+    @model_validator(mode="after")
+    def _caption_needs_prompt(self) -> BackendConfig:
+        if self.caption_strategy == "instanceprompt" and not self.instance_prompt:
+            raise ValueError("caption_strategy 'instanceprompt' needs instance_prompt")
+        return self
+
+
+BACKEND_KEYS = tuple(BackendConfig.model_fields)
+
+
+def load_backend_configs(path: str | Path) -> list[BackendConfig]:
+    """Read and validate the dataloader config; relative folders resolve against its folder."""
+    path = Path(path)
+    raw = read_json(path, what="dataloader config")
+    if not isinstance(raw, list):
+        raise ConfigError(f"{path}: the dataloader config must be a JSON list of backend objects")
+    backends: list[BackendConfig] = []
+    for index, entry in enumerate(raw):
+        where = f"{path}: backend #{index}" + (
+            f" ('{entry['id']}')" if isinstance(entry, dict) and "id" in entry else ""
+        )
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{where}: each backend must be a JSON object")
+        for key in entry:
+            if key not in BACKEND_KEYS:
+                raise ConfigError(f"{where}: unknown key '{key}'{_suggest(key, BACKEND_KEYS)}")
+        try:
+            backend = BackendConfig.model_validate(entry)
+        except ValidationError as exc:
+            msgs = []
+            for err in exc.errors():
+                key = ".".join(str(p) for p in err["loc"])
+                msg = err["msg"].removeprefix("Value error, ")
+                msgs.append(f"{where}: key '{key}': {msg}" if key else f"{where}: {msg}")
+            raise ConfigError("\n".join(msgs)) from None
+        folder = Path(backend.instance_data_dir).expanduser()
+        if not folder.is_absolute():
+            folder = (path.parent / folder).resolve()
+        backend.instance_data_dir = str(folder)
+        backends.append(backend)
+
+    ids = [b.id for b in backends]
+    duplicates = sorted({i for i in ids if ids.count(i) > 1})
+    if duplicates:
+        raise ConfigError(f"{path}: backend ids must be unique; repeated: {', '.join(duplicates)}")
+    by_id = {b.id: b for b in backends}
+    for backend in backends:
+        if backend.disabled:
+            continue
+        if not Path(backend.instance_data_dir).is_dir():
+            raise ConfigError(
+                f"{path}: backend '{backend.id}': instance_data_dir not found: {backend.instance_data_dir}"
+            )
+        ref = backend.conditioning_data
+        if ref is not None:
+            if ref not in by_id:
+                raise ConfigError(
+                    f"{path}: backend '{backend.id}': conditioning_data '{ref}' is not a backend id{_suggest(ref, ids)}"
+                )
+            if by_id[ref].dataset_type != "conditioning":
+                raise ConfigError(
+                    f"{path}: backend '{backend.id}': conditioning_data '{ref}' must have dataset_type 'conditioning'"
+                )
+    return backends

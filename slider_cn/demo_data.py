@@ -1,0 +1,89 @@
+"""A small synthetic contrastive dataset: the embedded default that `make demo` and tests use.
+
+The concept is "circle size": positive images hold a large disc, negative images a small one,
+neutral images a square. Each image has a caption file; the training config and dataloader
+config are written beside them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+
+def _draw(kind: str, index: int, size: int, rng: np.random.Generator) -> Image.Image:
+    background = tuple(int(v) for v in rng.integers(0, 80, size=3))
+    colour = tuple(int(v) for v in rng.integers(150, 256, size=3))
+    image = Image.new("RGB", (size, size), background)
+    draw = ImageDraw.Draw(image)
+    cx, cy = (int(v) for v in rng.integers(size // 3, 2 * size // 3, size=2))
+    if kind == "square":
+        r = size // 5
+        draw.rectangle((cx - r, cy - r, cx + r, cy + r), fill=colour)
+    else:
+        r = size * (0.38 if kind == "large" else 0.12)
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=colour)
+    return image
+
+
+def write_demo_dataset(
+    root: str | Path, images_per_group: int = 4, resolution: int = 64, seed: int = 0
+) -> dict[str, Path]:
+    """Write images, captions, a dataloader config and a training config under ``root``.
+
+    Returns the paths: ``config``, ``dataloader``, and one folder per group.
+    """
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    groups = {
+        "plus": ("large", "a large circle"),
+        "minus": ("small", "a small circle"),
+        "neutral": ("square", "a square"),
+    }
+    folders: dict[str, Path] = {}
+    for group, (kind, caption) in groups.items():
+        folder = root / "data" / group
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(images_per_group):
+            _draw(kind, i, resolution, rng).save(folder / f"{group}_{i:03d}.png")
+            (folder / f"{group}_{i:03d}.txt").write_text(caption, encoding="utf-8")
+        folders[group] = folder
+
+    dataloader = [
+        {
+            "id": "circle-plus",
+            "instance_data_dir": "data/plus",
+            "caption_strategy": "textfile",
+            "slider_strength": 0.5,
+        },
+        {
+            "id": "circle-minus",
+            "instance_data_dir": "data/minus",
+            "caption_strategy": "textfile",
+            "slider_strength": -0.5,
+        },
+        {"id": "neutral", "instance_data_dir": "data/neutral", "caption_strategy": "textfile"},
+    ]
+    dataloader_path = root / "multidatabackend.json"
+    dataloader_path.write_text(json.dumps(dataloader, indent=2), encoding="utf-8")
+
+    config = {
+        "model_family": "sd1x",
+        "pretrained_model_name_or_path": "tiny",
+        "data_backend_config": "multidatabackend.json",
+        "output_dir": "output",
+        "resolution": resolution,
+        "slider_lora_target": True,
+        "lora_rank": 4,
+        "lora_alpha": 4,
+        "train_batch_size": 1,
+        "max_train_steps": 6,
+        "learning_rate": 1e-3,
+        "seed": 0,
+    }
+    config_path = root / "config.json"
+    config_path.write_text(json.dumps(config, indent=2), encoding="utf-8")
+    return {"config": config_path, "dataloader": dataloader_path, **folders}

@@ -1,0 +1,123 @@
+"""What every model family provides: its components, and how to encode images and prompts."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+if TYPE_CHECKING:
+    from slider_cn.config import TrainConfig
+
+
+@dataclass
+class Components:
+    """The model parts of one family, as built from a folder, a hub id or `tiny`."""
+
+    denoiser: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoders: list[torch.nn.Module]
+    tokenizers: list[Any]
+    noise_scheduler: Any
+    controlnet: torch.nn.Module | None = None
+    # True when the ControlNet was built from the denoiser here (its output projections are
+    # zero-initialised and must be trained in controlnet mode, DESIGN.md §8.1).
+    controlnet_is_fresh: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        named: dict[str, torch.nn.Module] = {"denoiser": self.denoiser, "vae": self.vae}
+        for i, encoder in enumerate(self.text_encoders):
+            named[f"text_encoder{'' if i == 0 else f'_{i + 1}'}"] = encoder
+        if self.controlnet is not None:
+            named["controlnet"] = self.controlnet
+        return named
+
+
+@contextlib.contextmanager
+def seeded(seed: int):
+    """Seed module initialisation without disturbing the caller's global RNG."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+class ModelFamily:
+    """A model family: load components, encode images and prompts.
+
+    Subclasses set ``name`` and implement the builders. Training-step pieces (noise, target,
+    forward) live beside them as the training issue adds them.
+    """
+
+    name: ClassVar[str]
+    description: ClassVar[str] = ""
+    # diffusers class names, for messages and for the targets registry
+    denoiser_class: ClassVar[str] = ""
+    controlnet_class: ClassVar[str | None] = None
+
+    def __init__(self, config: TrainConfig):
+        self.config = config
+
+    # --- building ------------------------------------------------------------------------
+    def load_components(self, *, with_controlnet: bool | None = None) -> Components:
+        """Build every component. ``with_controlnet`` defaults to what the config implies."""
+        if with_controlnet is None:
+            with_controlnet = self.needs_controlnet()
+        if self.config.is_tiny:
+            components = self.build_tiny(self.config.seed)
+        else:
+            components = self.load_pretrained(self.config.pretrained_model_name_or_path)
+        if with_controlnet:
+            if self.config.controlnet_model_name_or_path:
+                components.controlnet = self.load_controlnet(
+                    self.config.controlnet_model_name_or_path
+                )
+            else:
+                with seeded(self.config.seed + 1):
+                    components.controlnet = self.controlnet_from_denoiser(components.denoiser)
+                components.controlnet_is_fresh = True
+        for module in components.modules().values():
+            module.requires_grad_(False)
+            module.eval()
+        return components
+
+    def needs_controlnet(self) -> bool:
+        return self.config.training_mode == "controlnet" or bool(
+            self.config.controlnet_model_name_or_path
+        )
+
+    def build_tiny(self, seed: int) -> Components:
+        raise NotImplementedError
+
+    def load_pretrained(self, path: str) -> Components:
+        raise NotImplementedError
+
+    def load_controlnet(self, path: str) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def controlnet_from_denoiser(self, denoiser: torch.nn.Module) -> torch.nn.Module:
+        raise NotImplementedError
+
+    # --- encoding ------------------------------------------------------------------------
+    @property
+    def vae_scale_factor(self) -> int:
+        raise NotImplementedError
+
+    def encode_images(self, components: Components, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels in [-1, 1], shape (B, 3, H, W) -> scaled latents."""
+        raise NotImplementedError
+
+    def encode_prompts(self, components: Components, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """Prompts -> the denoiser's text conditioning, as a dict of tensors with batch dim first."""
+        raise NotImplementedError
+
+    def encoder_identity(self) -> str:
+        """A string naming the model whose encoders produced a cache entry."""
+        base = self.config.pretrained_model_name_or_path
+        if base == "tiny":
+            return f"{self.name}:tiny:seed{self.config.seed}"
+        path = Path(base)
+        return f"{self.name}:{path.resolve() if path.exists() else base}"

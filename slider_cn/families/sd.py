@@ -1,0 +1,258 @@
+"""Stable Diffusion 1.x/2.x (`sd1x`) and SDXL (`sdxl`): UNet + VAE + CLIP text encoder(s)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    ControlNetModel,
+    DDPMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+from slider_cn.config import ConfigError
+from slider_cn.families.base import Components, ModelFamily, seeded
+from slider_cn.families.tiny_tokenizer import build_tiny_tokenizer
+
+# Small conditioning embedding for tiny ControlNets; four entries keep the 8x downsampling
+# that matches the VAE.
+TINY_CONDITIONING_CHANNELS = (8, 8, 16, 16)
+
+
+def _tiny_vae(scaling_factor: float) -> AutoencoderKL:
+    # Four levels give the real 8x spatial factor, so conditioning images line up with latents.
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 16, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=64,
+        scaling_factor=scaling_factor,
+    )
+
+
+def _tiny_text_config(tokenizer, **extra: Any) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        max_position_embeddings=tokenizer.model_max_length,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **extra,
+    )
+
+
+def _sd_noise_scheduler() -> DDPMScheduler:
+    # The SD training schedule: scaled-linear betas 0.00085..0.012 over 1000 steps.
+    return DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type="epsilon",
+        clip_sample=False,
+        steps_offset=1,
+    )
+
+
+def _load(cls, path: str, subfolder: str | None, what: str):
+    try:
+        return cls.from_pretrained(path, subfolder=subfolder)
+    except (OSError, ValueError) as exc:
+        where = f"{path}/{subfolder}" if subfolder else path
+        hint = (
+            ""
+            if Path(path).exists()
+            else " (not a local folder; hub ids need network access and HF_HUB_OFFLINE unset)"
+        )
+        raise ConfigError(f"could not load the {what} from {where}{hint}: {exc}") from None
+
+
+class StableDiffusionFamily(ModelFamily):
+    """Shared by SD1.x and SDXL: UNet denoiser, KL VAE, DDPM-style epsilon training."""
+
+    denoiser_class = "UNet2DConditionModel"
+    controlnet_class = "ControlNetModel"
+    pipeline_class: ClassVar[type] = StableDiffusionPipeline
+    text_encoder_subfolders: ClassVar[tuple[str, ...]] = ("text_encoder",)
+    tokenizer_subfolders: ClassVar[tuple[str, ...]] = ("tokenizer",)
+    text_encoder_classes: ClassVar[tuple[type, ...]] = (CLIPTextModel,)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 8
+
+    def load_pretrained(self, path: str) -> Components:
+        unet = _load(UNet2DConditionModel, path, "unet", "UNet")
+        vae = _load(AutoencoderKL, path, "vae", "VAE")
+        encoders = [
+            _load(cls, path, sub, "text encoder")
+            for cls, sub in zip(
+                self.text_encoder_classes, self.text_encoder_subfolders, strict=True
+            )
+        ]
+        tokenizers = [
+            _load(AutoTokenizer, path, sub, "tokenizer") for sub in self.tokenizer_subfolders
+        ]
+        scheduler = _load(DDPMScheduler, path, "scheduler", "noise scheduler")
+        return Components(unet, vae, encoders, tokenizers, scheduler)
+
+    def load_controlnet(self, path: str) -> torch.nn.Module:
+        return _load(ControlNetModel, path, None, "ControlNet")
+
+    def controlnet_from_denoiser(self, denoiser: torch.nn.Module) -> torch.nn.Module:
+        kwargs = (
+            {"conditioning_embedding_out_channels": TINY_CONDITIONING_CHANNELS}
+            if self.config.is_tiny
+            else {}
+        )
+        return ControlNetModel.from_unet(denoiser, **kwargs)
+
+    def encode_images(self, components: Components, pixels: torch.Tensor) -> torch.Tensor:
+        vae = components.vae
+        pixels = pixels.to(device=vae.device, dtype=vae.dtype)
+        # The distribution's mode: deterministic, so a cached latent is reproducible.
+        latents = vae.encode(pixels).latent_dist.mode()
+        return latents * vae.config.scaling_factor
+
+    def _tokenize(self, tokenizer, prompts: list[str]) -> torch.Tensor:
+        return tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
+
+    def save_pretrained(self, components: Components, folder: str | Path) -> None:
+        """Write the base components as a diffusers pipeline folder (used for `tiny` runs)."""
+        self.pipeline(components).save_pretrained(str(folder), safe_serialization=True)
+
+    def pipeline(self, components: Components):
+        raise NotImplementedError
+
+
+class SD1xFamily(StableDiffusionFamily):
+    name = "sd1x"
+    description = "Stable Diffusion 1.x / 2.x (UNet2DConditionModel, CLIP text encoder)"
+
+    def build_tiny(self, seed: int) -> Components:
+        tokenizer = build_tiny_tokenizer()
+        with seeded(seed):
+            text_encoder = CLIPTextModel(_tiny_text_config(tokenizer))
+            vae = _tiny_vae(scaling_factor=0.18215)
+            unet = UNet2DConditionModel(
+                sample_size=8,
+                in_channels=4,
+                out_channels=4,
+                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+                block_out_channels=(32, 64),
+                layers_per_block=1,
+                cross_attention_dim=32,
+                attention_head_dim=8,
+                norm_num_groups=8,
+            )
+        return Components(unet, vae, [text_encoder], [tokenizer], _sd_noise_scheduler())
+
+    @torch.no_grad()
+    def encode_prompts(self, components: Components, prompts: list[str]) -> dict[str, torch.Tensor]:
+        (encoder,), (tokenizer,) = components.text_encoders, components.tokenizers
+        ids = self._tokenize(tokenizer, prompts).to(encoder.device)
+        return {"encoder_hidden_states": encoder(ids)[0]}
+
+    def pipeline(self, components: Components):
+        return StableDiffusionPipeline(
+            vae=components.vae,
+            text_encoder=components.text_encoders[0],
+            tokenizer=components.tokenizers[0],
+            unet=components.denoiser,
+            scheduler=components.noise_scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+
+
+class SDXLFamily(StableDiffusionFamily):
+    name = "sdxl"
+    description = (
+        "Stable Diffusion XL (UNet2DConditionModel with text_time embedding, two CLIP encoders)"
+    )
+    pipeline_class = StableDiffusionXLPipeline
+    text_encoder_subfolders = ("text_encoder", "text_encoder_2")
+    tokenizer_subfolders = ("tokenizer", "tokenizer_2")
+    text_encoder_classes = (CLIPTextModel, CLIPTextModelWithProjection)
+
+    def build_tiny(self, seed: int) -> Components:
+        tokenizers = [build_tiny_tokenizer(), build_tiny_tokenizer()]
+        with seeded(seed):
+            encoder_1 = CLIPTextModel(_tiny_text_config(tokenizers[0]))
+            encoder_2 = CLIPTextModelWithProjection(
+                _tiny_text_config(tokenizers[1], projection_dim=32)
+            )
+            vae = _tiny_vae(scaling_factor=0.13025)
+            unet = UNet2DConditionModel(
+                sample_size=8,
+                in_channels=4,
+                out_channels=4,
+                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+                block_out_channels=(32, 64),
+                layers_per_block=1,
+                attention_head_dim=(2, 4),
+                use_linear_projection=True,
+                addition_embed_type="text_time",
+                addition_time_embed_dim=8,
+                transformer_layers_per_block=(1, 2),
+                # six micro-conditioning values of 8 dims each, plus the pooled text embedding
+                projection_class_embeddings_input_dim=6 * 8 + 32,
+                cross_attention_dim=64,
+                norm_num_groups=8,
+            )
+        return Components(unet, vae, [encoder_1, encoder_2], tokenizers, _sd_noise_scheduler())
+
+    @torch.no_grad()
+    def encode_prompts(self, components: Components, prompts: list[str]) -> dict[str, torch.Tensor]:
+        hidden, pooled = [], None
+        for encoder, tokenizer in zip(components.text_encoders, components.tokenizers, strict=True):
+            ids = self._tokenize(tokenizer, prompts).to(encoder.device)
+            out = encoder(ids, output_hidden_states=True)
+            # SDXL conditions on the penultimate layer; the pooled embedding comes from encoder 2.
+            hidden.append(out.hidden_states[-2])
+            pooled = out[0]
+        return {"encoder_hidden_states": torch.cat(hidden, dim=-1), "pooled_prompt_embeds": pooled}
+
+    def add_time_ids(
+        self, batch_size: int, resolution: int, device=None, dtype=None
+    ) -> torch.Tensor:
+        """SDXL micro-conditioning: original size, crop top-left, target size."""
+        ids = torch.tensor(
+            [resolution, resolution, 0, 0, resolution, resolution], device=device, dtype=dtype
+        )
+        return ids.unsqueeze(0).repeat(batch_size, 1)
+
+    def pipeline(self, components: Components):
+        return StableDiffusionXLPipeline(
+            vae=components.vae,
+            text_encoder=components.text_encoders[0],
+            text_encoder_2=components.text_encoders[1],
+            tokenizer=components.tokenizers[0],
+            tokenizer_2=components.tokenizers[1],
+            unet=components.denoiser,
+            scheduler=components.noise_scheduler,
+        )

@@ -1,0 +1,64 @@
+import json
+import subprocess
+import sys
+
+from slider_cn.cli import main
+
+
+def test_dry_run_prints_resolved_config(demo, capsys):
+    assert (
+        main(["train", "--config", str(demo["config"]), "--dry-run", "--learning_rate", "3e-4"])
+        == 0
+    )
+    resolved = json.loads(capsys.readouterr().out)
+    assert resolved["learning_rate"] == 3e-4
+    assert resolved["data_backend_config"] == str(demo["dataloader"])
+
+
+def test_unknown_key_exits_2_with_suggestion(demo, capsys):
+    assert main(["train", "--config", str(demo["config"]), "--not_a_key", "1"]) == 2
+    assert "unknown key 'not_a_key'" in capsys.readouterr().err
+    assert main(["train", "--config", str(demo["config"]), "--lora_rnk", "4"]) == 2
+    assert "did you mean 'lora_rank'" in capsys.readouterr().err
+
+
+def test_dry_run_requires_dataloader_config(tmp_path, capsys):
+    config = tmp_path / "c.json"
+    config.write_text("{}")
+    assert main(["train", "--config", str(config), "--dry-run"]) == 2
+    assert "data_backend_config is required" in capsys.readouterr().err
+
+
+def test_bad_dataloader_config_names_backend(demo, capsys):
+    demo["dataloader"].write_text(
+        json.dumps([{"id": "x", "instance_data_dir": "data/plus", "slider_strenght": 1}])
+    )
+    assert main(["train", "--config", str(demo["config"]), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "backend #0 ('x')" in err and "did you mean 'slider_strength'" in err
+
+
+def test_console_script_help_lists_every_key():
+    out = subprocess.run(
+        [sys.executable, "-m", "slider_cn.cli", "train", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    from slider_cn.config import KNOWN_KEYS
+
+    for key in KNOWN_KEYS:
+        assert f"--{key}" in out
+
+
+def test_readme_documents_every_key():
+    from pathlib import Path
+
+    from slider_cn.config import KNOWN_KEYS
+    from slider_cn.data.config import BACKEND_KEYS
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    quickstart = readme.index("## Quickstart")
+    assert readme.index("make demo") > quickstart and readme.index("make test") > quickstart
+    for key in (*KNOWN_KEYS, *BACKEND_KEYS):
+        assert f"| `{key}` |" in readme, key

@@ -1,0 +1,119 @@
+import json
+
+import pytest
+
+from slider_cn.config import ConfigError, load_config, parse_overrides
+
+
+def write(tmp_path, text, name="config.json"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_defaults_and_overrides_are_typed(tmp_path):
+    path = write(tmp_path, json.dumps({"learning_rate": 1e-3}))
+    overrides = parse_overrides(
+        [
+            "--slider_lora_target",
+            "true",
+            "--learning_rate",
+            "1e-4",
+            "--train_batch_size=2",
+            "--assistant_lora_strength",
+            "-0.5",
+        ]
+    )
+    config = load_config(path, overrides)
+    assert config.slider_lora_target is True
+    assert config.learning_rate == pytest.approx(1e-4)
+    assert config.train_batch_size == 2
+    assert config.assistant_lora_strength == -0.5
+    assert config.model_family == "sd1x" and config.is_tiny
+
+
+def test_bare_flag_means_true_and_none_clears():
+    assert parse_overrides(["--gradient_checkpointing"]) == {"gradient_checkpointing": "true"}
+    config = load_config(None, {"max_train_steps": "none", "lora_alpha": "null"})
+    assert config.max_train_steps is None and config.lora_alpha is None
+
+
+def test_unknown_key_in_file_suggests(tmp_path):
+    path = write(tmp_path, json.dumps({"learning_rat": 1}))
+    with pytest.raises(
+        ConfigError, match=r"unknown key 'learning_rat' \(did you mean 'learning_rate'\?\)"
+    ):
+        load_config(path)
+
+
+def test_unknown_key_on_command_line():
+    with pytest.raises(ConfigError, match="command line: unknown key 'not_a_key'"):
+        load_config(None, {"not_a_key": "1"})
+
+
+def test_wrong_type_names_key(tmp_path):
+    path = write(tmp_path, json.dumps({"train_batch_size": "two"}))
+    with pytest.raises(ConfigError, match=r"key 'train_batch_size'.*integer"):
+        load_config(path)
+
+
+@pytest.mark.parametrize(
+    "key,value,pattern",
+    [
+        ("train_batch_size", 0, "greater than or equal to 1"),
+        ("learning_rate", -1.0, "greater than 0"),
+        ("resolution", 100, "multiple of 8"),
+        ("lora_dropout", 1.5, "less than 1"),
+        ("training_mode", "full", "'lora' or 'controlnet'"),
+        ("model_family", "sd15", "unknown model family 'sd15'"),
+    ],
+)
+def test_out_of_range(tmp_path, key, value, pattern):
+    path = write(tmp_path, json.dumps({key: value}))
+    with pytest.raises(ConfigError, match=pattern):
+        load_config(path)
+
+
+def test_malformed_json_gives_line_and_column(tmp_path):
+    path = write(tmp_path, '{\n  "seed": 1,\n  "lora_rank": ,\n}')
+    with pytest.raises(ConfigError, match="line 3, column 16"):
+        load_config(path)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "absent.json")
+
+
+def test_missing_referenced_file(tmp_path):
+    path = write(tmp_path, json.dumps({"data_backend_config": "nowhere.json"}))
+    with pytest.raises(ConfigError, match="data_backend_config': file not found: .*nowhere.json"):
+        load_config(path)
+
+
+def test_relative_paths_resolve_against_config_folder(tmp_path):
+    sub = tmp_path / "configs"
+    sub.mkdir()
+    (sub / "data.json").write_text("[]")
+    path = write(sub, json.dumps({"data_backend_config": "data.json", "output_dir": "out"}))
+    config = load_config(path)
+    assert config.data_backend_config == str(sub / "data.json")
+    assert config.output_dir == str(sub / "out")
+
+
+def test_simpletuner_spellings(tmp_path):
+    path = write(tmp_path, json.dumps({"--controlnet": True, "--lora_rank": 8}))
+    config = load_config(path)
+    assert config.training_mode == "controlnet"
+    assert config.lora_rank == 8
+
+
+def test_lycoris_needs_its_config():
+    with pytest.raises(ConfigError, match="lycoris_config"):
+        load_config(None, {"lora_type": "lycoris"})
+
+
+def test_top_level_must_be_object(tmp_path):
+    path = write(tmp_path, "[1, 2]")
+    with pytest.raises(ConfigError, match="JSON object"):
+        load_config(path)
