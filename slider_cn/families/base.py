@@ -114,6 +114,56 @@ class ModelFamily:
         """Prompts -> the denoiser's text conditioning, as a dict of tensors with batch dim first."""
         raise NotImplementedError
 
+    # --- training step -------------------------------------------------------------------
+    def add_noise(
+        self, components: Components, latents: torch.Tensor, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Draw noise and timesteps from ``generator``; return (noisy latents, noise, timesteps)."""
+        raise NotImplementedError
+
+    def training_target(
+        self,
+        components: Components,
+        latents: torch.Tensor,
+        noise: torch.Tensor,
+        timesteps: torch.Tensor,
+    ) -> torch.Tensor:
+        """What the denoiser is trained to predict (epsilon, v or the flow velocity)."""
+        raise NotImplementedError
+
+    def controlnet_residuals(
+        self,
+        components: Components,
+        noisy: torch.Tensor,
+        timesteps: torch.Tensor,
+        cond: dict[str, torch.Tensor],
+        conditioning_pixels: torch.Tensor,
+        scale: float,
+    ) -> dict[str, Any]:
+        """Run the ControlNet; return the keyword arguments that feed its output to the denoiser."""
+        raise NotImplementedError
+
+    def predict(
+        self,
+        components: Components,
+        noisy: torch.Tensor,
+        timesteps: torch.Tensor,
+        cond: dict[str, torch.Tensor],
+        residuals: dict[str, Any] | None = None,
+    ) -> torch.Tensor:
+        """The denoiser's prediction, with ControlNet residuals when given."""
+        raise NotImplementedError
+
+    def clean_latent_estimate(
+        self,
+        components: Components,
+        noisy: torch.Tensor,
+        timesteps: torch.Tensor,
+        prediction: torch.Tensor,
+    ) -> torch.Tensor:
+        """The clean latent implied by a prediction (used to measure the slider's effect)."""
+        raise NotImplementedError
+
     def encoder_identity(self) -> str:
         """A string naming the model whose encoders produced a cache entry."""
         base = self.config.pretrained_model_name_or_path

@@ -138,6 +138,52 @@ class StableDiffusionFamily(ModelFamily):
             return_tensors="pt",
         ).input_ids
 
+    # --- training step: DDPM noise, epsilon / v targets ------------------------------------
+    def add_noise(self, components, latents, generator):
+        scheduler = components.noise_scheduler
+        noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(latents)
+        timesteps = torch.randint(
+            0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator
+        ).to(latents.device)
+        return scheduler.add_noise(latents, noise, timesteps), noise, timesteps
+
+    def training_target(self, components, latents, noise, timesteps):
+        scheduler = components.noise_scheduler
+        if scheduler.config.prediction_type == "v_prediction":
+            return scheduler.get_velocity(latents, noise, timesteps)
+        return noise
+
+    def _unet_kwargs(self, cond: dict[str, torch.Tensor], noisy: torch.Tensor) -> dict[str, Any]:
+        return {"encoder_hidden_states": cond["encoder_hidden_states"]}
+
+    def controlnet_residuals(self, components, noisy, timesteps, cond, conditioning_pixels, scale):
+        controlnet = components.controlnet
+        down, mid = controlnet(
+            noisy,
+            timesteps,
+            controlnet_cond=conditioning_pixels.to(device=noisy.device, dtype=noisy.dtype),
+            conditioning_scale=scale,
+            return_dict=False,
+            **self._unet_kwargs(cond, noisy),
+        )
+        return {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+
+    def predict(self, components, noisy, timesteps, cond, residuals=None):
+        kwargs = self._unet_kwargs(cond, noisy)
+        if residuals:
+            kwargs.update(residuals)
+        return components.denoiser(noisy, timesteps, return_dict=False, **kwargs)[0]
+
+    def clean_latent_estimate(self, components, noisy, timesteps, prediction):
+        scheduler = components.noise_scheduler
+        alphas = scheduler.alphas_cumprod.to(device=noisy.device, dtype=torch.float32)[timesteps]
+        alpha = alphas.sqrt().view(-1, 1, 1, 1)
+        sigma = (1 - alphas).sqrt().view(-1, 1, 1, 1)
+        noisy, prediction = noisy.float(), prediction.float()
+        if scheduler.config.prediction_type == "v_prediction":
+            return alpha * noisy - sigma * prediction
+        return (noisy - sigma * prediction) / alpha
+
     def save_pretrained(self, components: Components, folder: str | Path) -> None:
         """Write the base components as a diffusers pipeline folder (used for `tiny` runs)."""
         self.pipeline(components).save_pretrained(str(folder), safe_serialization=True)
@@ -240,11 +286,26 @@ class SDXLFamily(StableDiffusionFamily):
     def add_time_ids(
         self, batch_size: int, resolution: int, device=None, dtype=None
     ) -> torch.Tensor:
-        """SDXL micro-conditioning: original size, crop top-left, target size."""
+        """SDXL micro-conditioning: original size, crop top-left, target size.
+
+        Training images are resized and centre-cropped to a square, so original = target size
+        and the crop offset is 0.
+        """
         ids = torch.tensor(
             [resolution, resolution, 0, 0, resolution, resolution], device=device, dtype=dtype
         )
         return ids.unsqueeze(0).repeat(batch_size, 1)
+
+    def _unet_kwargs(self, cond, noisy):
+        resolution = noisy.shape[-1] * self.vae_scale_factor
+        time_ids = self.add_time_ids(noisy.shape[0], resolution, noisy.device, noisy.dtype)
+        return {
+            "encoder_hidden_states": cond["encoder_hidden_states"],
+            "added_cond_kwargs": {
+                "text_embeds": cond["pooled_prompt_embeds"],
+                "time_ids": time_ids,
+            },
+        }
 
     def pipeline(self, components: Components):
         return StableDiffusionXLPipeline(

@@ -1,0 +1,172 @@
+"""Training checkpoints: written atomically, pruned, found again on resume.
+
+A checkpoint folder `checkpoint-<step>` holds the trainable weights (safetensors), the
+optimizer and lr-scheduler states, the sampler state, the RNG states and the step. It is
+written under a temporary name and renamed, so a crash never leaves a half checkpoint that
+`latest` would pick up. Everything is loaded with safetensors or `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from slider_cn.config import ConfigError
+
+PREFIX = "checkpoint-"
+_NAME = re.compile(rf"^{PREFIX}(\d+)$")
+
+
+@dataclass
+class TrainingState:
+    """What a checkpoint restores, besides the optimizer and scheduler objects."""
+
+    step: int
+    epoch: int
+    weights: dict[str, torch.Tensor]
+    sampler: dict[str, Any]
+    noise_generator: torch.Tensor
+    extra: dict[str, Any]
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints in ``output_dir``, oldest first."""
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return []
+    found = [
+        (int(m.group(1)), p) for p in folder.iterdir() if p.is_dir() and (m := _NAME.match(p.name))
+    ]
+    return [p for _, p in sorted(found)]
+
+
+def _rng_states() -> dict[str, Any]:
+    states: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(legacy=False),
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _set_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    np.random.set_state(states["numpy"])
+    random.setstate(states["python"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def _np_state_to_plain(state: dict[str, Any]) -> dict[str, Any]:
+    # numpy's generator state holds numpy arrays; torch.load(weights_only=True) takes tensors.
+    inner = state["state"]
+    return {
+        **state,
+        "state": {
+            k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in inner.items()
+        },
+    }
+
+
+def _np_state_from_plain(state: dict[str, Any]) -> dict[str, Any]:
+    inner = state["state"]
+    return {
+        **state,
+        "state": {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in inner.items()},
+    }
+
+
+def save_checkpoint(
+    output_dir: str | Path,
+    *,
+    step: int,
+    epoch: int,
+    weights: dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler: Any,
+    sampler_state: dict[str, Any],
+    noise_generator: torch.Generator,
+    extra: dict[str, Any] | None = None,
+    total_limit: int | None = None,
+) -> Path:
+    """Write `checkpoint-<step>` atomically and prune the oldest beyond ``total_limit``."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    final = output_dir / f"{PREFIX}{step}"
+    tmp = output_dir / f".{PREFIX}{step}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    save_file(
+        {k: v.detach().contiguous().cpu() for k, v in weights.items()},
+        str(tmp / "trainable.safetensors"),
+    )
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(lr_scheduler.state_dict(), tmp / "scheduler.pt")
+    rng = _rng_states()
+    rng["numpy"] = _np_state_to_plain(rng["numpy"])
+    rng["noise_generator"] = noise_generator.get_state()
+    torch.save(rng, tmp / "rng.pt")
+    state = {"step": step, "epoch": epoch, "sampler": sampler_state, "extra": extra or {}}
+    (tmp / "state.json").write_text(json.dumps(state, indent=2), encoding="utf-8")
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    if total_limit is not None:
+        for old in list_checkpoints(output_dir)[:-total_limit]:
+            shutil.rmtree(old)
+    return final
+
+
+def find_checkpoint(output_dir: str | Path, which: str) -> Path:
+    """`latest` -> the newest complete checkpoint in ``output_dir``; else the folder given."""
+    if which == "latest":
+        found = list_checkpoints(output_dir)
+        if not found:
+            raise ConfigError(
+                f"resume_from_checkpoint 'latest': no checkpoint-<step> folder in {output_dir}"
+            )
+        return found[-1]
+    path = Path(which)
+    if not (path / "state.json").is_file():
+        raise ConfigError(
+            f"resume_from_checkpoint: {path} is not a slider-cn checkpoint (no state.json)"
+        )
+    return path
+
+
+def load_checkpoint(
+    path: str | Path,
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler: Any,
+    noise_generator: torch.Generator,
+) -> TrainingState:
+    """Restore optimizer, scheduler and RNG states in place; return the rest."""
+    path = Path(path)
+    state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    lr_scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    rng = torch.load(path / "rng.pt", weights_only=True)
+    rng["numpy"] = _np_state_from_plain(rng["numpy"])
+    noise_generator.set_state(rng.pop("noise_generator"))
+    _set_rng_states(rng)
+    return TrainingState(
+        step=state["step"],
+        epoch=state["epoch"],
+        weights=load_file(str(path / "trainable.safetensors")),
+        sampler=state["sampler"],
+        noise_generator=noise_generator.get_state(),
+        extra=state.get("extra", {}),
+    )
