@@ -315,3 +315,10 @@ def test_other_bad_backend_values(tmp_path, entry, pattern):
     )
     with pytest.raises(ConfigError, match=pattern):
         load_backend_configs(dataloader)
+
+
+def test_cache_dir_defaults_under_output_dir_and_resolves_relative(tmp_path):
+    (tmp_path / "c.json").write_text(json.dumps({"output_dir": "out"}))
+    assert load_config(tmp_path / "c.json").cache_path == tmp_path / "out" / "cache"
+    (tmp_path / "c.json").write_text(json.dumps({"output_dir": "out", "cache_dir": "shared"}))
+    assert load_config(tmp_path / "c.json").cache_path == tmp_path / "shared"

@@ -18,9 +18,9 @@ Semantics, for one epoch:
   global batch is a ConfigError.
 - The epoch ends when every backend is exhausted.
 
-Determinism: the backend draw of micro-batch ``index`` in epoch ``epoch`` uses a numpy
-Generator seeded by (seed, epoch, index); each backend's shuffle one seeded by (seed, epoch,
-backend id). The global RNGs (torch, numpy, random) are neither used nor disturbed. Every rank
+Determinism: the backend draw of micro-batch ``index`` in epoch ``epoch`` is the
+``index``-th uniform of a numpy Generator seeded by (seed, epoch); each backend's shuffle
+comes from one seeded by (seed, epoch, backend id). The global RNGs (torch, numpy, random) are neither used nor disturbed. Every rank
 computes the same sequence; rank ``r`` takes samples ``[r * batch_size, (r + 1) * batch_size)``
 of each global batch, so ranks see the same backends and signs and disjoint samples.
 
@@ -144,6 +144,7 @@ class SliderSampler:
         self.index = 0
         self._schedule_cache: tuple[int, list[tuple[int, int]]] | None = None
         self._pool_cache: dict[tuple[int, int], np.ndarray] = {}
+        self._fingerprint: str | None = None
 
     # --- the schedule ------------------------------------------------------------------
     def __len__(self) -> int:
@@ -169,24 +170,31 @@ class SliderSampler:
             return self._schedule_cache[1]
         left = list(self._batches_per_backend)
         taken = [0] * len(self.backends)
-        groups = {
-            sign: [i for i, b in enumerate(self.backends) if b.sign == sign] for sign in SIGN_CYCLE
-        }
+        # Backends still in each group, in config order; a group empties as they run out.
+        groups = [[i for i, b in enumerate(self.backends) if b.sign == sign] for sign in SIGN_CYCLE]
+        # The draw of step k is the k-th uniform of the (seed, epoch) stream: one vectorised
+        # call instead of a generator per step, same determinism.
+        uniforms = _rng(self.seed, epoch, _DRAW).random(len(self))
         plan: list[tuple[int, int]] = []
         turn = 0
         for index in range(len(self)):
             for offset in range(len(SIGN_CYCLE)):
                 position = (turn + offset) % len(SIGN_CYCLE)
-                candidates = [i for i in groups[SIGN_CYCLE[position]] if left[i] > 0]
+                candidates = groups[position]
                 if candidates:
                     break
-            weights = np.array([self.backends[i].probability for i in candidates], dtype=float)
-            u = _rng(self.seed, epoch, _DRAW, index).random()
-            pick = int(np.searchsorted(np.cumsum(weights) / weights.sum(), u, side="right"))
-            chosen = candidates[min(pick, len(candidates) - 1)]
+            if len(candidates) == 1:
+                chosen = candidates[0]
+            else:
+                weights = [self.backends[i].probability for i in candidates]
+                cumulative = np.cumsum(weights) / sum(weights)
+                pick = int(np.searchsorted(cumulative, uniforms[index], side="right"))
+                chosen = candidates[min(pick, len(candidates) - 1)]
             plan.append((chosen, taken[chosen] * self.global_batch))
             taken[chosen] += 1
             left[chosen] -= 1
+            if left[chosen] == 0:
+                candidates.remove(chosen)  # exhausted: leaves its group
             turn = (position + 1) % len(SIGN_CYCLE)
         self._schedule_cache = (epoch, plan)
         return plan
@@ -229,6 +237,11 @@ class SliderSampler:
 
     def fingerprint(self) -> str:
         """Identifies the data the sequence depends on (backends, their files and weights)."""
+        if self._fingerprint is None:
+            self._fingerprint = self._compute_fingerprint()
+        return self._fingerprint
+
+    def _compute_fingerprint(self) -> str:
         description = [
             [b.id, b.slider_strength, b.probability, b.repeats, [s.key for s in b.samples]]
             for b in self.backends
