@@ -208,6 +208,8 @@ def test_resume_refuses_a_changed_run():
         SliderSampler([backend("a", 4, 1.0), backend("m", 4, -1.0)], 2, seed=0).load_state_dict(
             state
         )
+    # Another strength of the same sign keeps the sequence: resuming is allowed.
+    SliderSampler([backend("a", 4, 0.7), backend("m", 4, -1.0)], 1, seed=0).load_state_dict(state)
     with pytest.raises(ConfigError, match="the dataset"):
         SliderSampler([backend("a", 5, 1.0), backend("m", 4, -1.0)], 1, seed=0).load_state_dict(
             state

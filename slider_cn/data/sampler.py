@@ -236,14 +236,16 @@ class SliderSampler:
             yield plan
 
     def fingerprint(self) -> str:
-        """Identifies the data the sequence depends on (backends, their files and weights)."""
+        """Identifies what the sequence depends on: backend ids, signs, probabilities, repeats
+        and files (relative paths without extension). The strength's magnitude is not part of
+        it, so a resumed run may change it without changing the sequence."""
         if self._fingerprint is None:
             self._fingerprint = self._compute_fingerprint()
         return self._fingerprint
 
     def _compute_fingerprint(self) -> str:
         description = [
-            [b.id, b.slider_strength, b.probability, b.repeats, [s.key for s in b.samples]]
+            [b.id, b.sign, b.probability, b.repeats, [s.key for s in b.samples]]
             for b in self.backends
         ]
         return hashlib.sha256(json.dumps(description).encode("utf-8")).hexdigest()[:16]
@@ -278,7 +280,7 @@ class SliderSampler:
             if state.get(key) != now
         ]
         if state.get("fingerprint") != self.fingerprint():
-            changed.append("the dataset (backends, files, strengths, probabilities or repeats)")
+            changed.append("the dataset (backends, files, signs, probabilities or repeats)")
         if changed:
             raise ConfigError(
                 "cannot resume the data sequence of the checkpoint: changed since it was "
