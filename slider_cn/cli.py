@@ -44,11 +44,19 @@ def _add_train(subparsers) -> None:
         action="store_true",
         help="load and validate the config, the dataloader config and the model components, print the resolved config as JSON, and exit",
     )
+    p.add_argument(
+        "--plan",
+        type=_positive_int,
+        metavar="N",
+        help="print the first N micro-batches the sampler would produce as JSON lines and exit, without loading any model (implies --dry-run)",
+    )
     p.set_defaults(func=_run_train, takes_overrides=True)
 
 
 def _run_train(args: argparse.Namespace, overrides: dict[str, str | None]) -> int:
     config = load_config(args.config, overrides)
+    if args.plan is not None:
+        return _print_plan(config, args.plan)
     if args.dry_run:
         return _dry_run(config)
     from slider_cn.train import train
@@ -73,6 +81,35 @@ def _dry_run(config: TrainConfig) -> int:
         log.info("%-14s %-36s %10d parameters", role, type(module).__name__, params)
     log.info("%d dataset backends: %s", len(backends), ", ".join(b.id for b in backends))
     print(config_to_json(config))
+    return 0
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _print_plan(config: TrainConfig, count: int) -> int:
+    import json
+
+    from slider_cn.data.backends import build_backends
+    from slider_cn.data.sampler import SliderSampler, preview
+
+    backends = build_backends(config)
+    sampler = SliderSampler(backends, config.train_batch_size, config.seed)
+    log.info(
+        "%d training backends, %d micro-batches per epoch of %d samples",
+        len(backends),
+        len(sampler),
+        config.train_batch_size,
+    )
+    for plan in preview(sampler, count):
+        print(json.dumps(plan.to_json()))
     return 0
 
 

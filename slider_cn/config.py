@@ -23,6 +23,7 @@ class ConfigError(Exception):
 PATH_KEYS = (
     "data_backend_config",
     "output_dir",
+    "cache_dir",
     "lycoris_config",
     "user_prompt_library",
     "validation_conditioning_image",
@@ -110,6 +111,10 @@ class TrainConfig(BaseModel):
     )
     resolution: int = Field(
         512, ge=8, description="Training resolution in pixels (square), a multiple of 8."
+    )
+    cache_dir: str | None = Field(
+        None,
+        description="Folder of the cached VAE latents and text embeddings; unset uses `<output_dir>/cache`.",
     )
 
     # --- schedule ------------------------------------------------------------------------
@@ -224,6 +229,11 @@ class TrainConfig(BaseModel):
     @property
     def is_tiny(self) -> bool:
         return self.pretrained_model_name_or_path == "tiny"
+
+    @property
+    def cache_path(self) -> Path:
+        """Where the latent and text-embedding caches live."""
+        return Path(self.cache_dir) if self.cache_dir else Path(self.output_dir) / "cache"
 
     @property
     def effective_lora_alpha(self) -> float:

@@ -1,11 +1,23 @@
-"""The dataloader config: a JSON list of backends, with SimpleTuner's key names."""
+"""The dataloader config: a JSON list of backends, with SimpleTuner's key names.
+
+`load_backend_configs(path)` reads and validates the file (keys, types, ids, folders,
+references); `slider_cn.data.backends.build_backends` then scans the folders.
+"""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from slider_cn.config import ConfigError, _suggest, read_json
 
@@ -43,7 +55,9 @@ class BackendConfig(BaseModel):
         None, ge=8, description="Resolution of this backend; unset uses the training config's."
     )
     probability: float = Field(
-        1.0, ge=0.0, description="Weight of this backend when drawn inside its sign group."
+        1.0,
+        gt=0.0,
+        description="Weight of this backend when drawn inside its sign group (> 0; use `disabled` to skip one).",
     )
     repeats: int = Field(0, ge=0, description="Extra passes over the backend per epoch.")
     slider_strength: float | None = Field(
@@ -51,11 +65,42 @@ class BackendConfig(BaseModel):
     )
     disabled: bool = Field(False, description="Skip this backend.")
 
+    @field_validator("slider_strength", "probability", mode="before")
+    @classmethod
+    def _real_number(cls, value: Any) -> Any:
+        # pydantic would read `true` as 1.0 and accept NaN; neither is a meaningful strength.
+        if isinstance(value, bool):
+            raise ValueError(f"must be a number, not {str(value).lower()}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"must be a finite number (got {value})")
+        return value
+
+    @field_validator("resolution")
+    @classmethod
+    def _multiple_of_8(cls, value: int | None) -> int | None:
+        if value is not None and value % 8:
+            raise ValueError(f"must be a multiple of 8 (got {value}); try {value - value % 8 or 8}")
+        return value
+
     @model_validator(mode="after")
     def _caption_needs_prompt(self) -> BackendConfig:
         if self.caption_strategy == "instanceprompt" and not self.instance_prompt:
             raise ValueError("caption_strategy 'instanceprompt' needs instance_prompt")
+        if self.conditioning_data is not None and self.conditioning:
+            raise ValueError(
+                "set either conditioning_data (a conditioning backend) or conditioning "
+                "(generated inline), not both"
+            )
+        if self.dataset_type == "conditioning" and (self.conditioning_data or self.conditioning):
+            raise ValueError(
+                "a conditioning backend cannot itself have conditioning_data or conditioning"
+            )
         return self
+
+    @property
+    def strength(self) -> float:
+        """The slider strength as a number: unset means 0 (the neutral group)."""
+        return float(self.slider_strength or 0.0)
 
 
 BACKEND_KEYS = tuple(BackendConfig.model_fields)
@@ -113,5 +158,10 @@ def load_backend_configs(path: str | Path) -> list[BackendConfig]:
             if by_id[ref].dataset_type != "conditioning":
                 raise ConfigError(
                     f"{path}: backend '{backend.id}': conditioning_data '{ref}' must have dataset_type 'conditioning'"
+                )
+            if by_id[ref].disabled:
+                raise ConfigError(
+                    f"{path}: backend '{backend.id}': conditioning_data '{ref}' is disabled; "
+                    f"enable it or disable '{backend.id}' too"
                 )
     return backends

@@ -1,0 +1,285 @@
+"""Dataset backends: the images of each backend, their captions and their conditioning pairs.
+
+`build_backends(config)` is the one place that turns the dataloader config into loaded
+backends, in this order:
+
+1. read the dataloader config (`load_backend_configs`);
+2. scan every enabled backend's folder recursively for png / jpg / jpeg / webp (hidden files
+   and the folders of other backends nested inside it are skipped);
+3. caption every training image by its backend's `caption_strategy`;
+4. **prepare conditioning** (`prepare_conditioning` argument): a backend with inline
+   `"conditioning": [...]` gets its conditioning images generated here, then paired with
+   `attach_conditioning`. Without a hook such a backend keeps `conditioning = None` samples;
+5. pair backends that name `conditioning_data` with that backend's images by relative path
+   (the extension may differ); unpaired images are an error listing them;
+6. check that the positive and negative groups hold as many samples (counting repeats).
+
+Everything here is cheap (file names and caption files only): no image is decoded and no
+model is loaded, so `slider-cn train --dry-run --plan N` can use it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from slider_cn.config import ConfigError
+from slider_cn.data.config import BackendConfig, load_backend_configs
+
+if TYPE_CHECKING:
+    from slider_cn.config import TrainConfig
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+# How many unpaired files an error message lists before it only counts the rest.
+MAX_LISTED = 20
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One training image: its file, its key (relative path without extension), caption and
+    the conditioning image paired with it (None when the backend has no conditioning)."""
+
+    path: Path
+    key: str
+    caption: str
+    conditioning: Path | None = None
+
+
+@dataclass
+class Backend:
+    """A training backend ready for the sampler: its samples in a stable (sorted) order."""
+
+    id: str
+    samples: list[Sample]
+    slider_strength: float = 0.0
+    probability: float = 1.0
+    repeats: int = 0
+    resolution: int = 512
+    root: Path | None = None
+    config: BackendConfig | None = field(default=None, repr=False)
+
+    @property
+    def sign(self) -> str:
+        """'+' (positive group), '-' (negative group) or '0' (neutral group)."""
+        if self.slider_strength > 0:
+            return "+"
+        if self.slider_strength < 0:
+            return "-"
+        return "0"
+
+    @property
+    def samples_per_epoch(self) -> int:
+        """Samples one epoch draws from this backend: every image once, plus `repeats` passes."""
+        return len(self.samples) * (self.repeats + 1)
+
+    @property
+    def has_conditioning(self) -> bool:
+        return bool(self.samples) and all(s.conditioning is not None for s in self.samples)
+
+
+# --- scanning and captions -------------------------------------------------------------
+def scan_images(folder: Path, exclude: Iterable[Path] = ()) -> list[Path]:
+    """Image files under ``folder`` (recursively, sorted), skipping hidden entries and the
+    folders in ``exclude`` (other backends' folders nested inside this one)."""
+    folder = Path(folder)
+    excluded = {Path(p).resolve() for p in exclude}
+    found: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        here = Path(dirpath)
+        dirnames[:] = sorted(
+            d for d in dirnames if not d.startswith(".") and (here / d).resolve() not in excluded
+        )
+        for name in filenames:
+            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS:
+                found.append(here / name)
+    return sorted(found, key=lambda p: p.relative_to(folder).as_posix())
+
+
+def sample_key(path: Path, root: Path) -> str:
+    """The pairing key: the path relative to the backend folder, without its extension."""
+    return path.relative_to(root).with_suffix("").as_posix()
+
+
+def caption_for(image: Path, config: BackendConfig) -> str:
+    """The caption of one image under its backend's `caption_strategy`."""
+    strategy = config.caption_strategy
+    if strategy == "instanceprompt":
+        return config.instance_prompt or ""
+    if strategy == "filename":
+        return " ".join(image.stem.replace("_", " ").replace("-", " ").split())
+    text_file = image.with_suffix(".txt")
+    if text_file.is_file():
+        try:
+            return text_file.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(
+                f"backend '{config.id}': cannot read caption file {text_file}: {exc}"
+            ) from None
+    if config.instance_prompt:
+        return config.instance_prompt
+    raise ConfigError(
+        f"backend '{config.id}': caption_strategy 'textfile' but {image} has no caption file "
+        f"{text_file.name} beside it; add it, or set instance_prompt as the fallback caption"
+    )
+
+
+# --- conditioning pairing --------------------------------------------------------------
+def conditioning_index(
+    folder: Path, backend_id: str, exclude: Iterable[Path] = ()
+) -> dict[str, Path]:
+    """Conditioning images of a folder by key; two files with one key (a.png, a.jpg) are an error."""
+    index: dict[str, Path] = {}
+    clashes: list[str] = []
+    for path in scan_images(folder, exclude):
+        key = sample_key(path, folder)
+        if key in index:
+            clashes.append(f"{index[key].name} / {path.name} ({key})")
+        index[key] = path
+    if clashes:
+        raise ConfigError(
+            f"conditioning backend '{backend_id}': several images share a relative path, so "
+            f"pairing is ambiguous: {', '.join(clashes[:MAX_LISTED])}; keep one of each"
+        )
+    return index
+
+
+def attach_conditioning(backend: Backend, index: dict[str, Path], source: str) -> Backend:
+    """Pair every sample of ``backend`` with the image of the same key in ``index``.
+
+    ``source`` names the conditioning (a backend id or a generated folder) in the error that
+    lists unpaired images: the first 20 and a count of the rest.
+    """
+    paired: list[Sample] = []
+    missing: list[str] = []
+    for sample in backend.samples:
+        match = index.get(sample.key)
+        if match is None:
+            missing.append(
+                sample.path.relative_to(backend.root).as_posix()
+                if backend.root
+                else str(sample.path)
+            )
+        paired.append(replace(sample, conditioning=match))
+    if missing:
+        listed = ", ".join(missing[:MAX_LISTED])
+        more = f" (and {len(missing) - MAX_LISTED} more)" if len(missing) > MAX_LISTED else ""
+        raise ConfigError(
+            f"backend '{backend.id}': {len(missing)} of {len(backend.samples)} training images "
+            f"have no conditioning image in {source} (paired by relative path, any image "
+            f"extension): {listed}{more}"
+        )
+    backend.samples = paired
+    return backend
+
+
+# --- building --------------------------------------------------------------------------
+# A hook that generates inline conditioning: called with each backend whose config has
+# `conditioning: [...]`, returns the folder of generated images (same relative paths).
+PrepareConditioning = Callable[[Backend], Path]
+
+
+def build_backends(
+    config: TrainConfig,
+    backend_configs: Sequence[BackendConfig] | None = None,
+    *,
+    prepare_conditioning: PrepareConditioning | None = None,
+) -> list[Backend]:
+    """Turn the dataloader config into training backends (see the module docstring).
+
+    Raises ConfigError for a missing dataloader config, an empty backend, textfile captions
+    without a file or fallback, unpaired images, or unbalanced positive / negative groups.
+    """
+    if backend_configs is None:
+        if config.data_backend_config is None:
+            raise ConfigError(
+                "data_backend_config is required to train: set it in the config or pass "
+                "--data_backend_config FILE"
+            )
+        backend_configs = load_backend_configs(config.data_backend_config)
+    source = config.data_backend_config or "dataloader config"
+    enabled = [b for b in backend_configs if not b.disabled]
+    folders = {b.id: Path(b.instance_data_dir).resolve() for b in enabled}
+
+    def nested_folders(backend_id: str) -> list[Path]:
+        own = folders[backend_id]
+        return [
+            f for i, f in folders.items() if i != backend_id and f != own and f.is_relative_to(own)
+        ]
+
+    by_id = {b.id: b for b in enabled}
+    backends: list[Backend] = []
+    for bc in enabled:
+        images = scan_images(folders[bc.id], nested_folders(bc.id))
+        if not images:
+            raise ConfigError(
+                f"{source}: backend '{bc.id}': no images ({'/'.join(e[1:] for e in IMAGE_EXTENSIONS)}) "
+                f"found in {folders[bc.id]}; add images or set disabled: true"
+            )
+        if bc.dataset_type != "image":
+            continue
+        root = folders[bc.id]
+        samples = [Sample(p, sample_key(p, root), caption_for(p, bc)) for p in images]
+        backends.append(
+            Backend(
+                id=bc.id,
+                samples=samples,
+                slider_strength=bc.strength,
+                probability=bc.probability,
+                repeats=bc.repeats,
+                resolution=bc.resolution or config.resolution,
+                root=root,
+                config=bc,
+            )
+        )
+    if not backends:
+        raise ConfigError(f"{source}: no enabled training backend (dataset_type 'image'); add one")
+
+    errors: list[str] = []
+    for backend in backends:
+        bc = backend.config
+        assert bc is not None
+        try:
+            if bc.conditioning and prepare_conditioning is not None:
+                # Inline conditioning: generated by the preprocessing runner, then paired.
+                generated = Path(prepare_conditioning(backend))
+                attach_conditioning(
+                    backend,
+                    conditioning_index(generated, backend.id),
+                    f"generated folder {generated}",
+                )
+            elif bc.conditioning_data is not None:
+                ref = by_id[bc.conditioning_data]
+                index = conditioning_index(folders[ref.id], ref.id, nested_folders(ref.id))
+                attach_conditioning(backend, index, f"'{ref.id}' ({folders[ref.id]})")
+        except ConfigError as exc:
+            errors.append(f"{source}: {exc}")
+    if errors:
+        raise ConfigError("\n".join(errors))
+
+    check_balance(backends, allow_unbalanced=config.slider_allow_unbalanced, source=source)
+    return backends
+
+
+def check_balance(backends: Sequence[Backend], *, allow_unbalanced: bool, source: str = "") -> None:
+    """Positive and negative groups must hold the same number of samples, counting repeats."""
+
+    def describe(sign: str) -> tuple[int, str]:
+        group = [b for b in backends if b.sign == sign]
+        total = sum(b.samples_per_epoch for b in group)
+        parts = ", ".join(
+            f"{b.id}: {len(b.samples)} images x {b.repeats + 1} passes" for b in group
+        )
+        return total, parts or "no backends"
+
+    positive, pos_parts = describe("+")
+    negative, neg_parts = describe("-")
+    if positive != negative and not allow_unbalanced:
+        prefix = f"{source}: " if source else ""
+        raise ConfigError(
+            f"{prefix}the positive group holds {positive} samples ({pos_parts}) but the negative "
+            f"group holds {negative} ({neg_parts}); a slider learns from the contrast, so make "
+            f"them equal (add images or adjust repeats), or set slider_allow_unbalanced: true"
+        )

@@ -1,0 +1,206 @@
+"""On-disk caches of VAE latents and text embeddings (safetensors), so that a second epoch or a
+second run does not run the VAE or the text encoders again.
+
+`EncodedCache(cache_dir, family, components)`:
+
+- ``latents(batch) -> Tensor``: the scaled latents (B, C, R/8, R/8) of a `Batch` or a
+  `BatchPlan`, float32 on ``device``. One entry per image, keyed by the image file's
+  identity (resolved path, size, mtime), the model identity (`family.encoder_identity()`),
+  the resolution and the preprocessing (center crop); a changed image gets a new key and is
+  re-encoded. Misses of one batch go through the VAE in one call; for a plan (or a batch
+  loaded with ``pixels=False``) only the missing images are decoded from disk.
+- ``text(captions) -> dict[str, Tensor]``: `family.encode_prompts` output stacked per
+  caption, float32 on ``device``, keyed by caption text and model identity; distinct missing
+  captions go through the text encoders in one call.
+
+Layout: ``<cache_dir>/latents/<sha256>.safetensors`` and ``<cache_dir>/text/<sha256>.safetensors``,
+written atomically (temporary file + rename), so concurrent ranks never read half a file; an
+unreadable entry is re-encoded. ``stats`` counts hits, misses and encoder calls.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from slider_cn.config import ConfigError
+from slider_cn.data.loading import Batch, image_pixels
+from slider_cn.data.sampler import BatchPlan
+
+if TYPE_CHECKING:
+    from slider_cn.families.base import Components, ModelFamily
+
+log = logging.getLogger(__name__)
+
+# Bump when the preprocessing or the stored format changes: old entries then miss.
+CACHE_VERSION = 1
+PREPROCESSING = "resize-shorter-bicubic+center-crop"
+
+
+def _digest(fields: dict) -> str:
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+class EncodedCache:
+    """See the module docstring."""
+
+    def __init__(
+        self,
+        cache_dir: str | Path,
+        family: ModelFamily,
+        components: Components,
+        *,
+        device: torch.device | str | None = None,
+    ):
+        self.root = Path(cache_dir)
+        self.family = family
+        self.components = components
+        self.identity = family.encoder_identity()
+        self.device = torch.device(device) if device is not None else components.vae.device
+        self.stats = {
+            "latent_hits": 0,
+            "latent_misses": 0,
+            "vae_calls": 0,
+            "text_hits": 0,
+            "text_misses": 0,
+            "text_encoder_calls": 0,
+        }
+
+    # --- keys and files ----------------------------------------------------------------
+    def latent_key(self, path: Path, resolution: int) -> str:
+        try:
+            stat = Path(path).stat()
+        except OSError as exc:
+            raise ConfigError(f"cannot read image {path}: {exc}") from None
+        return _digest(
+            {
+                "kind": "latent",
+                "version": CACHE_VERSION,
+                "path": str(Path(path).resolve()),
+                "size": stat.st_size,
+                "mtime_ns": stat.st_mtime_ns,
+                "model": self.identity,
+                "encoder": "vae",
+                "resolution": resolution,
+                "preprocessing": PREPROCESSING,
+            }
+        )
+
+    def text_key(self, caption: str) -> str:
+        return _digest(
+            {
+                "kind": "text",
+                "version": CACHE_VERSION,
+                "caption": caption,
+                "model": self.identity,
+                "encoder": "text_encoders",
+            }
+        )
+
+    def _file(self, kind: str, key: str) -> Path:
+        return self.root / kind / f"{key}.safetensors"
+
+    def _read(self, file: Path) -> dict[str, torch.Tensor] | None:
+        if not file.is_file():
+            return None
+        try:
+            return load_file(file)
+        except (OSError, SafetensorError) as exc:
+            log.warning("cache entry %s is unreadable (%s); encoding again", file, exc)
+            return None
+
+    def _write(
+        self, file: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
+    ) -> None:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")
+        save_file(
+            {
+                k: v.detach().to("cpu", torch.float32).contiguous().clone()
+                for k, v in tensors.items()
+            },
+            str(tmp),
+            metadata=metadata,
+        )
+        os.replace(tmp, file)
+
+    # --- latents -----------------------------------------------------------------------
+    def latents(self, batch: Batch | BatchPlan) -> torch.Tensor:
+        plan = batch.plan if isinstance(batch, Batch) else batch
+        pixels = batch.pixels if isinstance(batch, Batch) else None
+        keys = [self.latent_key(s.path, plan.resolution) for s in plan.samples]
+        found: dict[str, torch.Tensor] = {}
+        missing: dict[str, int] = {}  # key -> first sample index (a pool may repeat an image)
+        for i, key in enumerate(keys):
+            if key in found or key in missing:
+                continue
+            entry = self._read(self._file("latents", key))
+            if entry is None:
+                missing[key] = i
+            else:
+                found[key] = entry["latent"]
+        self.stats["latent_hits"] += len(found)
+        if missing:
+            self.stats["latent_misses"] += len(missing)
+            indices = list(missing.values())
+            if pixels is not None:
+                fresh = pixels[indices]
+            else:
+                fresh = torch.stack(
+                    [image_pixels(plan.samples[i].path, plan.resolution) for i in indices]
+                )
+            with torch.no_grad():
+                encoded = self.family.encode_images(self.components, fresh)
+            self.stats["vae_calls"] += 1
+            for (key, i), latent in zip(missing.items(), encoded, strict=True):
+                self._write(
+                    self._file("latents", key),
+                    {"latent": latent},
+                    {
+                        "path": str(plan.samples[i].path),
+                        "resolution": str(plan.resolution),
+                        "model": self.identity,
+                    },
+                )
+                found[key] = latent.detach().to("cpu", torch.float32)
+        return torch.stack([found[k] for k in keys]).to(self.device)
+
+    # --- text --------------------------------------------------------------------------
+    def text(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
+        found: dict[str, dict[str, torch.Tensor]] = {}
+        missing: list[str] = []
+        for caption in captions:
+            if caption in found or caption in missing:
+                continue
+            entry = self._read(self._file("text", self.text_key(caption)))
+            if entry is None:
+                missing.append(caption)
+            else:
+                found[caption] = entry
+        self.stats["text_hits"] += len(found)
+        if missing:
+            self.stats["text_misses"] += len(missing)
+            with torch.no_grad():
+                encoded = self.family.encode_prompts(self.components, list(missing))
+            self.stats["text_encoder_calls"] += 1
+            for i, caption in enumerate(missing):
+                entry = {name: tensor[i] for name, tensor in encoded.items()}
+                self._write(
+                    self._file("text", self.text_key(caption)),
+                    entry,
+                    {"caption": caption, "model": self.identity},
+                )
+                found[caption] = {k: v.detach().to("cpu", torch.float32) for k, v in entry.items()}
+        names = found[captions[0]].keys() if captions else ()
+        return {
+            name: torch.stack([found[c][name] for c in captions]).to(self.device) for name in names
+        }

@@ -1,0 +1,132 @@
+"""Turning a batch plan into tensors.
+
+`load_batch(plan)` returns a `Batch`:
+
+- ``pixels``: float32 (B, 3, R, R) in [-1, 1], R = the backend's resolution: the image
+  (EXIF orientation applied, RGB) with its shorter side resized to R (bicubic, antialiased),
+  then center-cropped to R x R. ``None`` with ``pixels=False`` (the latent cache loads the
+  pixels of cache misses itself).
+- ``conditioning_pixels``: float32 (B, 3, R, R) in [0, 1], the paired conditioning images
+  under the same crop (a conditioning image of another size is first resized to its
+  training image's size, bilinear), or ``None`` when the backend has no conditioning.
+- ``captions``, and the plan's ``backend``, ``slider_strength`` and ``sign``.
+
+An unreadable or corrupt image is a ConfigError naming the file.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageOps
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
+
+from slider_cn.config import ConfigError
+from slider_cn.data.sampler import BatchPlan
+
+
+def load_image(path: Path) -> Image.Image:
+    """An RGB image, upright by its EXIF orientation; any read failure names the file."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as opened:
+                opened.load()
+                image = ImageOps.exif_transpose(opened)
+                return image.convert("RGB")
+    except (
+        OSError,
+        ValueError,
+        SyntaxError,
+        Image.DecompressionBombError,
+        Image.DecompressionBombWarning,
+    ) as exc:
+        raise ConfigError(f"cannot read image {path}: {exc}") from None
+
+
+def upright_size(path: Path) -> tuple[int, int]:
+    """(width, height) after EXIF orientation, read from the header without decoding."""
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            # EXIF orientations 5-8 rotate by 90 degrees.
+            if image.getexif().get(0x0112, 1) in (5, 6, 7, 8):
+                width, height = height, width
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise ConfigError(f"cannot read image {path}: {exc}") from None
+    return width, height
+
+
+def resize_center_crop(
+    image: Image.Image,
+    resolution: int,
+    interpolation: InterpolationMode = InterpolationMode.BICUBIC,
+) -> Image.Image:
+    """Shorter side to ``resolution``, then the central ``resolution`` square."""
+    image = TF.resize(image, resolution, interpolation=interpolation, antialias=True)
+    return TF.center_crop(image, [resolution, resolution])
+
+
+def image_pixels(path: Path, resolution: int) -> torch.Tensor:
+    """(3, R, R) float32 in [-1, 1]."""
+    image = resize_center_crop(load_image(path), resolution)
+    return TF.to_tensor(image) * 2.0 - 1.0
+
+
+def conditioning_pixels(path: Path, image_path: Path, resolution: int) -> torch.Tensor:
+    """(3, R, R) float32 in [0, 1], cropped like the training image at ``image_path``."""
+    conditioning = load_image(path)
+    size = upright_size(image_path)
+    if conditioning.size != size:
+        conditioning = conditioning.resize(size, Image.Resampling.BILINEAR)
+    return TF.to_tensor(resize_center_crop(conditioning, resolution, InterpolationMode.BILINEAR))
+
+
+@dataclass
+class Batch:
+    """A loaded micro-batch (see the module docstring)."""
+
+    plan: BatchPlan
+    pixels: torch.Tensor | None
+    conditioning_pixels: torch.Tensor | None
+    captions: list[str]
+
+    @property
+    def backend(self) -> str:
+        return self.plan.backend
+
+    @property
+    def slider_strength(self) -> float:
+        return self.plan.slider_strength
+
+    @property
+    def sign(self) -> str:
+        return self.plan.sign
+
+    @property
+    def files(self) -> list[str]:
+        return self.plan.files
+
+
+def load_batch(plan: BatchPlan, *, pixels: bool = True, conditioning: bool = True) -> Batch:
+    """Load a plan's images (``pixels``) and conditioning images (``conditioning``)."""
+    samples = plan.samples
+    image_tensor = (
+        torch.stack([image_pixels(s.path, plan.resolution) for s in samples]) if pixels else None
+    )
+    cond_tensor = None
+    paired = [s.conditioning is not None for s in samples]
+    if conditioning and any(paired):
+        if not all(paired):
+            missing = [str(s.path) for s in samples if s.conditioning is None]
+            raise ConfigError(
+                f"backend '{plan.backend}': no conditioning image for {', '.join(missing)}"
+            )
+        cond_tensor = torch.stack(
+            [conditioning_pixels(s.conditioning, s.path, plan.resolution) for s in samples]
+        )
+    return Batch(plan, image_tensor, cond_tensor, [s.caption for s in samples])
