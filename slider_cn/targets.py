@@ -615,7 +615,9 @@ class TargetResolution:
 
 
 def _describe(layer: nn.Module) -> tuple[str, tuple[int, ...]]:
-    return type(layer).__name__, tuple(layer.weight.shape)
+    # LyCORIS `full` takes the weight off the layer it adapts.
+    weight = getattr(layer, "weight", None)
+    return type(layer).__name__, tuple(weight.shape) if weight is not None else ()
 
 
 def _shared_module_ids(model: nn.Module, other: nn.Module) -> set[int]:
