@@ -326,3 +326,22 @@ def test_lycoris_config_errors(tmp_path):
         attach_slider_adapter(
             model, names, config_for({"algo": "lokr", "apply_preset": {"target_name": ["^nope$"]}})
         )
+
+
+@pytest.mark.parametrize("lora_type", ["standard", "lycoris"])
+def test_backward_reaches_the_slider_and_not_the_assistant(assistant_files, lora_type):
+    config = (
+        slider_config()
+        if lora_type == "standard"
+        else TrainConfig(lora_type="lycoris", lycoris_config=str(GUIDE_PRESET))
+    )
+    model = unet_sd1x().train()
+    assistant = load_assistant_adapter(model, assistant_files["diffusers"], STRENGTH)
+    slider = with_slider(model, config)
+    with slider.multiplier(-0.5):
+        model(**unet_inputs()).sample.square().mean().backward()
+    grads = [p.grad for p in slider.trainable_parameters()]
+    assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
+    assert all(p.grad is None for p in assistant.parameters())
+    base = [p for n, p in model.named_parameters() if "lora_" not in n]
+    assert all(p.grad is None for p in base)
