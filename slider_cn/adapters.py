@@ -162,8 +162,15 @@ class SliderAdapter:
         raise NotImplementedError
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """The slider's weights only (no base weights, no assistant), for checkpoints."""
+        """The slider's weights only (no base weights, no assistant), for checkpoints.
+
+        Like ``nn.Module.state_dict`` the tensors share storage with the live weights.
+        """
         raise NotImplementedError
+
+    def to(self, *args, **kwargs) -> SliderAdapter:
+        """Move weights that live outside the model (LyCORIS); PEFT weights move with it."""
+        return self
 
     def load_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
         raise NotImplementedError
