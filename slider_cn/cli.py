@@ -113,7 +113,61 @@ def _print_plan(config: TrainConfig, count: int) -> int:
     return 0
 
 
-SUBCOMMANDS = (_add_train,)
+# --- targets -----------------------------------------------------------------------------
+def _add_targets(subparsers) -> None:
+    p = subparsers.add_parser(
+        "targets",
+        allow_abbrev=False,
+        help="show which modules the slider adapts",
+        description="Resolve the slider (or ordinary LoRA) target patterns on the real model and "
+        "print every adapted module: name, layer type, weight shape and the pattern that matched.",
+    )
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--config", help="a training config: its family, model, mode and slider_lora_target"
+    )
+    source.add_argument("--family", help="a model family (see --list-families)")
+    source.add_argument(
+        "--list-families", action="store_true", help="list families and architectures"
+    )
+    p.add_argument(
+        "--model", default="tiny", help="with --family: diffusers folder or hub id (default: tiny)"
+    )
+    p.add_argument(
+        "--side",
+        choices=("denoiser", "controlnet"),
+        help="which model to resolve on (default: controlnet in controlnet mode, else denoiser)",
+    )
+    p.add_argument(
+        "--no-slider", action="store_true", help="show the ordinary LoRA targets instead"
+    )
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=_run_targets, takes_overrides=True)
+
+
+def _run_targets(args: argparse.Namespace, overrides: dict[str, str | None]) -> int:
+    from slider_cn.targets_report import build_report, families_listing
+
+    if args.list_families:
+        print(families_listing(args.json))
+        return 0
+    if args.config:
+        config = load_config(args.config, overrides)
+        slider = False if args.no_slider else None
+    else:
+        values = {
+            **overrides,
+            "model_family": args.family,
+            "pretrained_model_name_or_path": args.model,
+        }
+        config = load_config(None, values)
+        slider = not args.no_slider
+    report = build_report(config, side=args.side, slider=slider)
+    print(report.to_json() if args.json else report.to_table())
+    return 0
+
+
+SUBCOMMANDS = (_add_train, _add_targets)
 
 
 def build_parser() -> argparse.ArgumentParser:
