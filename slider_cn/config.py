@@ -47,9 +47,7 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     # --- model -------------------------------------------------------------------------
-    model_family: str = Field(
-        "sd1x", description="Model family: `sd1x` (SD 1.x/2.x) or `sdxl`."
-    )
+    model_family: str = Field("sd1x", description="Model family: `sd1x` (SD 1.x/2.x) or `sdxl`.")
     pretrained_model_name_or_path: str = Field(
         "tiny",
         description="Diffusers folder or hub id of the base model; `tiny` builds a small random model offline.",

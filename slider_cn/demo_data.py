@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFilter
 
 
 def _draw(kind: str, index: int, size: int, rng: np.random.Generator) -> Image.Image:
@@ -30,10 +30,16 @@ def _draw(kind: str, index: int, size: int, rng: np.random.Generator) -> Image.I
 
 
 def write_demo_dataset(
-    root: str | Path, images_per_group: int = 4, resolution: int = 64, seed: int = 0
+    root: str | Path,
+    images_per_group: int = 4,
+    resolution: int = 64,
+    seed: int = 0,
+    conditioning: str | None = None,
 ) -> dict[str, Path]:
     """Write images, captions, a dataloader config and a training config under ``root``.
 
+    ``conditioning``: None (no conditioning images), ``"folders"`` (edge maps written beside
+    the images as conditioning backends) or ``"inline"`` (each backend asks for canny inline).
     Returns the paths: ``config``, ``dataloader``, and one folder per group.
     """
     root = Path(root)
@@ -51,6 +57,15 @@ def write_demo_dataset(
             _draw(kind, i, resolution, rng).save(folder / f"{group}_{i:03d}.png")
             (folder / f"{group}_{i:03d}.txt").write_text(caption, encoding="utf-8")
         folders[group] = folder
+        if conditioning == "folders":
+            edges = root / "data" / f"{group}_edges"
+            edges.mkdir(parents=True, exist_ok=True)
+            for image_path in sorted(folder.glob("*.png")):
+                with Image.open(image_path) as image:
+                    image.convert("L").filter(ImageFilter.FIND_EDGES).convert("RGB").save(
+                        edges / image_path.name
+                    )
+            folders[f"{group}_edges"] = edges
 
     dataloader = [
         {
@@ -67,6 +82,20 @@ def write_demo_dataset(
         },
         {"id": "neutral", "instance_data_dir": "data/neutral", "caption_strategy": "textfile"},
     ]
+    for backend, group in zip(list(dataloader), groups, strict=True):
+        if conditioning == "folders":
+            backend["conditioning_data"] = f"{backend['id']}-edges"
+            dataloader.append(
+                {
+                    "id": f"{backend['id']}-edges",
+                    "dataset_type": "conditioning",
+                    "instance_data_dir": f"data/{group}_edges",
+                }
+            )
+        elif conditioning == "inline":
+            backend["conditioning"] = [
+                {"type": "canny", "params": {"low_threshold": 50, "high_threshold": 120}}
+            ]
     dataloader_path = root / "multidatabackend.json"
     dataloader_path.write_text(json.dumps(dataloader, indent=2), encoding="utf-8")
 

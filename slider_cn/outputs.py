@@ -1,0 +1,182 @@
+"""The files a finished run leaves in `output_dir` (DESIGN.md §6).
+
+- base-side PEFT LoRA: `pytorch_lora_weights.safetensors` (diffusers' layout, loads with
+  `pipe.load_lora_weights(output_dir)`) and `slider_kohya.safetensors` (kohya keys with the
+  true alpha, for ComfyUI / A1111);
+- ControlNet-side PEFT LoRA: `controlnet_slider.safetensors` (unprefixed keys, loads with
+  `pipe.controlnet.load_lora_adapter(path, prefix=None)`); a fresh ControlNet (its trained
+  output projections included, the slider not merged) is saved to `controlnet/`;
+- LyCORIS: `slider_lycoris.safetensors` in the lycoris-lora library's own format;
+- `tiny` runs: the base components in `base/`, so the result can be loaded and inspected.
+Every safetensors file carries slider-cn metadata (family, mode, targets, strengths, rank/alpha,
+base model).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from slider_cn import export
+
+BASE_LORA_FILE = "pytorch_lora_weights.safetensors"
+KOHYA_FILE = "slider_kohya.safetensors"
+CONTROLNET_LORA_FILE = "controlnet_slider.safetensors"
+LYCORIS_FILE = "slider_lycoris.safetensors"
+
+
+def slider_metadata(config, family, targets, backends, steps: int, adapter) -> dict[str, str]:
+    strengths = {b.id: b.slider_strength for b in backends if b.slider_strength is not None}
+    return {
+        "slider_cn.family": family.name,
+        "slider_cn.training_mode": config.training_mode,
+        "slider_cn.lora_type": config.lora_type,
+        "slider_cn.targets": json.dumps(list(targets.names)),
+        "slider_cn.strengths": json.dumps(strengths),
+        "slider_cn.rank": str(adapter.rank),
+        "slider_cn.alpha": str(adapter.alpha),
+        "slider_cn.base_model": config.pretrained_model_name_or_path,
+        "slider_cn.controlnet_model": config.controlnet_model_name_or_path or "",
+        "slider_cn.neutral_mode": config.slider_neutral_mode,
+        "slider_cn.steps": str(steps),
+    }
+
+
+def add_metadata(path: str | Path, extra: dict[str, str]) -> None:
+    """Merge ``extra`` into a safetensors file's metadata, keeping what is there."""
+    path = Path(path)
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = dict(handle.metadata() or {})
+    tensors = load_file(str(path))
+    metadata.update(extra)
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    with safe_open(str(path), framework="pt") as handle:
+        return dict(handle.metadata() or {})
+
+
+def clean_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of a diffusers model without any adapter layers (PEFT or LyCORIS)."""
+    clean = type(model).from_config(model.config)
+    state = {}
+    for key, value in model.state_dict().items():
+        if "lora_" in key or ".lokr_" in key or ".hada_" in key:
+            continue
+        state[key.replace(".base_layer.", ".")] = value
+    clean.load_state_dict(state, strict=True)
+    return clean
+
+
+def write_final_outputs(
+    output_dir: str | Path,
+    *,
+    config,
+    family,
+    components,
+    adapter,
+    trainable: torch.nn.Module,
+    targets,
+    projection_names: list[str],
+    backends,
+    steps: int,
+) -> dict[str, Path]:
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    metadata = slider_metadata(config, family, targets, backends, steps, adapter)
+    written: dict[str, Path] = {}
+    side = "controlnet" if config.training_mode == "controlnet" else "denoiser"
+
+    if adapter.kind == "lycoris":
+        path = output_dir / LYCORIS_FILE
+        adapter.network.save_weights(str(path), torch.float32, metadata)
+        written["lycoris"] = path
+    else:
+        lora_state = {
+            k: v.detach().float().cpu().contiguous() for k, v in adapter.state_dict().items()
+        }
+        lora_config = _jsonable(
+            LoraConfig(
+                r=adapter.rank, lora_alpha=adapter.alpha, target_modules=list(adapter.target_names)
+            ).to_dict()
+        )
+        if side == "denoiser":
+            family.pipeline_class.save_lora_weights(
+                str(output_dir),
+                unet_lora_layers=lora_state,
+                unet_lora_adapter_metadata=lora_config,
+                weight_name=BASE_LORA_FILE,
+            )
+            add_metadata(output_dir / BASE_LORA_FILE, metadata)
+            written["diffusers"] = output_dir / BASE_LORA_FILE
+            kohya = export.peft_to_kohya(lora_state, alpha=adapter.alpha, prefix="lora_unet")
+            save_file(
+                kohya,
+                str(output_dir / KOHYA_FILE),
+                metadata={
+                    **metadata,
+                    "ss_network_alpha": str(adapter.alpha),
+                    "ss_network_dim": str(adapter.rank),
+                },
+            )
+            written["kohya"] = output_dir / KOHYA_FILE
+        else:
+            path = output_dir / CONTROLNET_LORA_FILE
+            save_file(
+                lora_state,
+                str(path),
+                metadata={
+                    "format": "pt",
+                    "lora_adapter_metadata": json.dumps(lora_config, sort_keys=True),
+                    **metadata,
+                },
+            )
+            written["controlnet_lora"] = path
+
+    if side == "controlnet" and (components.controlnet_is_fresh or projection_names):
+        folder = output_dir / "controlnet"
+        clean_copy(trainable).save_pretrained(str(folder), safe_serialization=True)
+        (folder / "slider_cn.json").write_text(json.dumps(metadata, indent=2), encoding="utf-8")
+        written["controlnet"] = folder
+
+    if config.is_tiny:
+        base = _base_components(components)
+        family.save_pretrained(base, output_dir / "base")
+        written["base"] = output_dir / "base"
+
+    (output_dir / "slider_cn_run.json").write_text(
+        json.dumps(
+            {"metadata": metadata, "files": {k: str(v) for k, v in written.items()}}, indent=2
+        ),
+        encoding="utf-8",
+    )
+    return written
+
+
+def _jsonable(value: Any) -> Any:
+    """LoraConfig.to_dict() holds sets and enums; safetensors metadata needs JSON."""
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (set, frozenset, tuple, list)):
+        return [
+            _jsonable(v) for v in (sorted(value) if isinstance(value, (set, frozenset)) else value)
+        ]
+    if hasattr(value, "value") and not isinstance(value, (int, float, str, bool)):
+        return value.value
+    return value
+
+
+def _base_components(components) -> Any:
+    """The base model parts without adapters (for saving a `tiny` run's model)."""
+    from dataclasses import replace
+
+    denoiser = components.denoiser
+    denoiser = getattr(denoiser, "module", denoiser)  # unwrap DDP
+    return replace(components, denoiser=clean_copy(denoiser), controlnet=None)

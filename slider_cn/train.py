@@ -1,0 +1,357 @@
+"""The training loop (accelerate), read top to bottom:
+
+config -> data backends -> model components -> slider adapter on the trainable side ->
+sampler -> for each micro-batch: encode (from cache), slider step, optimizer step ->
+checkpoints -> final outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from diffusers.optimization import get_scheduler
+from tqdm.auto import tqdm
+
+from slider_cn import checkpoints, outputs
+from slider_cn.adapters import attach_slider_adapter, load_assistant_adapter
+from slider_cn.config import ConfigError, TrainConfig
+from slider_cn.data.backends import build_backends
+from slider_cn.data.cache import EncodedCache
+from slider_cn.data.loading import load_batch
+from slider_cn.data.sampler import SliderSampler
+from slider_cn.families import get_family
+from slider_cn.step import SliderStep, StepInputs
+from slider_cn.targets import (
+    controlnet_output_projections,
+    resolve_targets,
+)
+
+log = logging.getLogger("slider_cn.train")
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot continue (e.g. a non-finite loss); the last good state is saved."""
+
+
+def _check_output_dir(config: TrainConfig) -> None:
+    found = checkpoints.list_checkpoints(config.output_dir)
+    if found and not config.resume_from_checkpoint:
+        raise ConfigError(
+            f"output_dir {config.output_dir} already holds checkpoints of a run ({found[-1].name}); "
+            "pass --resume_from_checkpoint latest to continue it, or choose another output_dir"
+        )
+
+
+def _check_conditioning(config: TrainConfig, backends) -> None:
+    # Checked before any model is loaded: a ControlNet in the loop needs a conditioning image
+    # for every training image.
+    if config.training_mode != "controlnet" and not config.controlnet_model_name_or_path:
+        return
+    missing = [b.id for b in backends if not b.has_conditioning]
+    if missing:
+        what = (
+            "training_mode 'controlnet'"
+            if config.training_mode == "controlnet"
+            else "a ControlNet in the loop"
+        )
+        raise ConfigError(
+            f"{config.data_backend_config}: {what} needs conditioning images, but "
+            f"backend(s) {', '.join(missing)} have none; set conditioning_data (a conditioning backend) "
+            'or an inline "conditioning": [{"type": "canny"}] on each'
+        )
+
+
+def _optimizer(config: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    kwargs = dict(
+        lr=config.learning_rate,
+        betas=(config.adam_beta1, config.adam_beta2),
+        weight_decay=config.adam_weight_decay,
+        eps=config.adam_epsilon,
+    )
+    if config.optimizer == "adamw_8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise ConfigError(
+                "optimizer 'adamw_8bit' needs bitsandbytes: pip install bitsandbytes"
+            ) from None
+        return bnb.optim.AdamW8bit(params, **kwargs)
+    fused = torch.cuda.is_available() and all(p.is_cuda for p in params)
+    return torch.optim.AdamW(params, fused=fused or None, **kwargs)
+
+
+def _max_strength(backends) -> float:
+    strengths = [abs(b.slider_strength) for b in backends if b.slider_strength]
+    return max(strengths) if strengths else 1.0
+
+
+def train(config: TrainConfig) -> Path:
+    """Train a slider; return the output folder."""
+    if config.data_backend_config is None:
+        raise ConfigError(
+            "data_backend_config is required to train: set it in the config or pass --data_backend_config FILE"
+        )
+    _check_output_dir(config)
+
+    accelerator = Accelerator(
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        mixed_precision=config.mixed_precision,
+        log_with=None if config.report_to == "none" else config.report_to,
+        project_dir=config.output_dir,
+    )
+    output_dir = Path(config.output_dir)
+    is_main = accelerator.is_main_process
+
+    # --- data: validated before any model is loaded ---------------------------------------
+    backends = build_backends(config)
+    _check_conditioning(config, backends)
+    sampler = SliderSampler(
+        backends,
+        batch_size=config.train_batch_size,
+        seed=config.seed,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+    )
+
+    # --- components and the adapter on the trainable side ---------------------------------
+    family = get_family(config)
+    components = family.load_components()
+    device = accelerator.device
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
+        config.mixed_precision, torch.float32
+    )
+    for module in components.modules().values():
+        # frozen weights in the autocast precision; the trainable ones go back to fp32 below
+        module.to(device) if weight_dtype == torch.float32 else module.to(device, weight_dtype)
+
+    side = "controlnet" if config.training_mode == "controlnet" else "denoiser"
+    trainable = components.controlnet if side == "controlnet" else components.denoiser
+    arch = family.name  # the targets registry maps family names to architectures
+    targets = resolve_targets(
+        trainable,
+        arch,
+        side=side,
+        slider=config.slider_lora_target,
+        exclude_shared_with=components.denoiser if side == "controlnet" else None,
+    )
+    assistant = None
+    if config.assistant_lora_path:
+        assistant = load_assistant_adapter(
+            components.denoiser, config.assistant_lora_path, config.assistant_lora_strength
+        )
+    adapter = attach_slider_adapter(trainable, targets.names, config)
+    params = list(adapter.trainable_parameters())
+    # A fresh ControlNet's output projections are zero: unless they learn, its residuals stay
+    # zero and no gradient reaches the adapter (DESIGN.md §8.1).
+    projection_names: list[str] = []
+    if side == "controlnet" and components.controlnet_is_fresh:
+        projection_names = controlnet_output_projections(trainable, arch)
+        modules = dict(trainable.named_modules())
+        for name in projection_names:
+            for p in modules[name].parameters():
+                p.requires_grad_(True)
+                params.append(p)
+    for p in params:
+        p.data = p.data.float()  # master weights in fp32 under mixed precision
+    if config.gradient_checkpointing:
+        components.denoiser.enable_gradient_checkpointing()
+        if components.controlnet is not None:
+            components.controlnet.enable_gradient_checkpointing()
+    trainable.train()
+
+    optimizer = _optimizer(config, params)
+    micro_per_epoch = max(1, len(sampler))
+    steps_per_epoch = math.ceil(micro_per_epoch / config.gradient_accumulation_steps)
+    max_steps = config.max_train_steps or config.num_train_epochs * steps_per_epoch
+    num_epochs = math.ceil(max_steps / steps_per_epoch)
+    lr_scheduler = get_scheduler(
+        config.lr_scheduler,
+        optimizer=optimizer,
+        # accelerate steps the scheduler once per process
+        num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=max_steps * accelerator.num_processes,
+    )
+    prepared, optimizer, lr_scheduler = accelerator.prepare(trainable, optimizer, lr_scheduler)
+    # Forward through the prepared module so that distributed gradient sync sees it.
+    if side == "controlnet":
+        components.controlnet = prepared
+    else:
+        components.denoiser = prepared
+
+    step_fn = SliderStep(
+        family,
+        components,
+        adapter,
+        training_mode=config.training_mode,
+        neutral_mode=config.slider_neutral_mode,
+        max_strength=_max_strength(backends),
+        conditioning_scale=config.controlnet_conditioning_scale,
+    )
+    cache = EncodedCache(config.cache_path, family, components, device=device)
+    # Noise and timesteps come from a generator of their own, seeded per rank, so they are
+    # reproducible and resumable whatever else draws random numbers.
+    generator = torch.Generator().manual_seed(config.seed * 1000 + accelerator.process_index)
+
+    def trainable_weights() -> dict[str, torch.Tensor]:
+        weights = {f"adapter.{k}": v for k, v in adapter.state_dict().items()}
+        unwrapped = accelerator.unwrap_model(prepared)
+        modules = dict(unwrapped.named_modules())
+        for name in projection_names:
+            for pname, p in modules[name].named_parameters():
+                weights[f"projection.{name}.{pname}"] = p
+        return weights
+
+    def load_trainable_weights(weights: dict[str, torch.Tensor]) -> None:
+        adapter.load_state_dict(
+            {k.removeprefix("adapter."): v for k, v in weights.items() if k.startswith("adapter.")}
+        )
+        modules = dict(accelerator.unwrap_model(prepared).named_modules())
+        for name in projection_names:
+            for pname, p in modules[name].named_parameters():
+                p.data.copy_(weights[f"projection.{name}.{pname}"])
+
+    global_step, start_epoch = 0, 0
+    if config.resume_from_checkpoint:
+        path = checkpoints.find_checkpoint(output_dir, config.resume_from_checkpoint)
+        state = checkpoints.load_checkpoint(path, optimizer, lr_scheduler, generator)
+        load_trainable_weights(state.weights)
+        sampler.load_state_dict(state.sampler)
+        global_step, start_epoch = state.step, sampler.epoch
+        log.info("resumed from %s at step %d", path, global_step)
+
+    if is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        if config.report_to != "none":
+            accelerator.init_trackers(
+                "slider-cn", config={k: v for k, v in config.model_dump().items() if v is not None}
+            )
+    log_name = "train_log.jsonl" if is_main else f"train_log.rank{accelerator.process_index}.jsonl"
+    output_dir.mkdir(parents=True, exist_ok=True)
+    log_file = open(output_dir / log_name, "a", encoding="utf-8")  # noqa: SIM115 - closed in finally
+
+    def save(step: int, epoch: int, boundary: dict[str, Any]) -> Path | None:
+        accelerator.wait_for_everyone()
+        if not is_main:
+            return None
+        return checkpoints.save_checkpoint(
+            output_dir,
+            step=step,
+            epoch=epoch,
+            weights=trainable_weights(),
+            optimizer=optimizer,
+            lr_scheduler=lr_scheduler,
+            sampler_state=boundary["sampler"],
+            noise_generator=_generator_at(boundary["generator"]),
+            total_limit=config.checkpoints_total_limit,
+        )
+
+    progress = tqdm(
+        total=max_steps, initial=global_step, desc="train", disable=not is_main, dynamic_ncols=True
+    )
+    boundary = {
+        "sampler": sampler.state_dict(),
+        "generator": generator.get_state(),
+        "epoch": start_epoch,
+    }
+    epoch = start_epoch
+    try:
+        for epoch in range(start_epoch, num_epochs):
+            if global_step >= max_steps:
+                break
+            sampler.set_epoch(epoch)
+            for plan in sampler:
+                # Pixels are read only for latents missing from the cache.
+                batch = load_batch(plan, pixels=False)
+                inputs = StepInputs(
+                    latents=cache.latents(batch).to(weight_dtype),
+                    cond={k: v.to(weight_dtype) for k, v in cache.text(batch.captions).items()},
+                    slider_strength=plan.slider_strength,
+                    sign=plan.sign,
+                    conditioning_pixels=None
+                    if batch.conditioning_pixels is None
+                    else batch.conditioning_pixels.to(device, weight_dtype),
+                )
+                with accelerator.accumulate(prepared), accelerator.autocast():
+                    result = step_fn(inputs, generator, backward=accelerator.backward)
+                    if not torch.isfinite(result.loss):
+                        optimizer.zero_grad(set_to_none=True)
+                        where = save(global_step, boundary["epoch"], boundary)
+                        raise TrainingError(
+                            f"non-finite loss {result.loss.item()} at step {global_step + 1}, backend "
+                            f"'{plan.backend}', files {[str(f) for f in plan.files]}; "
+                            f"last good state saved to {where}"
+                        )
+                    if accelerator.sync_gradients and config.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(params, config.max_grad_norm)
+                    optimizer.step()
+                    lr_scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                record = {
+                    "step": global_step + 1,
+                    "loss": result.loss.item(),
+                    "backend": plan.backend,
+                    "strength": result.strength,
+                    "sign": plan.sign,
+                    "lr": lr_scheduler.get_last_lr()[0],
+                    "files": [str(f) for f in plan.files],
+                }
+                log_file.write(json.dumps(record) + "\n")
+                if not accelerator.sync_gradients:
+                    continue
+                global_step += 1
+                log_file.flush()
+                boundary = {
+                    "sampler": sampler.state_dict(after=plan),
+                    "generator": generator.get_state(),
+                    "epoch": epoch,
+                }
+                progress.update(1)
+                progress.set_postfix(
+                    loss=f"{record['loss']:.4f}", sign=plan.sign, backend=plan.backend
+                )
+                if config.report_to != "none":
+                    accelerator.log({"loss": record["loss"], "lr": record["lr"]}, step=global_step)
+                if global_step % config.checkpointing_steps == 0 and global_step < max_steps:
+                    save(global_step, epoch, boundary)
+                if global_step >= max_steps:
+                    break
+    except KeyboardInterrupt:
+        where = save(global_step, boundary["epoch"], boundary)
+        log.warning("interrupted at step %d; checkpoint saved to %s", global_step, where)
+        raise
+    finally:
+        progress.close()
+        log_file.close()
+
+    save(global_step, epoch, boundary)
+    accelerator.wait_for_everyone()
+    if is_main:
+        outputs.write_final_outputs(
+            output_dir,
+            config=config,
+            family=family,
+            components=components,
+            adapter=adapter,
+            trainable=accelerator.unwrap_model(prepared),
+            targets=targets,
+            projection_names=projection_names,
+            backends=backends,
+            steps=global_step,
+        )
+        log.info("slider written to %s", output_dir)
+    if config.report_to != "none":
+        accelerator.end_training()
+    del assistant
+    return output_dir
+
+
+def _generator_at(state: torch.Tensor) -> torch.Generator:
+    generator = torch.Generator()
+    generator.set_state(state)
+    return generator
