@@ -59,9 +59,15 @@ def _run_train(args: argparse.Namespace, overrides: dict[str, str | None]) -> in
         return _print_plan(config, args.plan)
     if args.dry_run:
         return _dry_run(config)
-    from slider_cn.train import train
+    from slider_cn.train import TrainingError, train
 
-    train(config)
+    try:
+        result = train(config)
+    except TrainingError as exc:
+        print(f"slider-cn: training stopped: {exc}", file=sys.stderr)
+        return 1
+    for kind, path in result.files.items():
+        log.info("%-16s %s", kind, path)
     return 0
 
 

@@ -32,7 +32,7 @@ LYCORIS_FILE = "slider_lycoris.safetensors"
 
 
 def slider_metadata(config, family, targets, backends, steps: int, adapter) -> dict[str, str]:
-    strengths = {b.id: b.slider_strength for b in backends if b.slider_strength is not None}
+    strengths = {b.id: b.slider_strength for b in backends if b.slider_strength}
     return {
         "slider_cn.family": family.name,
         "slider_cn.training_mode": config.training_mode,
@@ -140,15 +140,21 @@ def write_final_outputs(
             )
             written["controlnet_lora"] = path
 
-    if side == "controlnet" and (components.controlnet_is_fresh or projection_names):
+    if side == "controlnet" and components.controlnet_is_fresh:
+        # A fresh ControlNet exists nowhere else: save it as initialised plus its trained output
+        # projections, without the slider (which loads on top of it).
         folder = output_dir / "controlnet"
-        clean_copy(trainable).save_pretrained(str(folder), safe_serialization=True)
+        controlnet = family.fresh_controlnet(clean_copy(_unwrap(components.denoiser)))
+        trained = dict(_unwrap(trainable).named_modules())
+        for name in projection_names:
+            dict(controlnet.named_modules())[name].load_state_dict(trained[name].state_dict())
+        controlnet.save_pretrained(str(folder), safe_serialization=True)
         (folder / "slider_cn.json").write_text(json.dumps(metadata, indent=2), encoding="utf-8")
         written["controlnet"] = folder
 
     if config.is_tiny:
-        base = _base_components(components)
-        family.save_pretrained(base, output_dir / "base")
+        # `tiny` is deterministic per seed: rebuild the untouched base rather than strip adapters.
+        family.save_pretrained(family.load_components(with_controlnet=False), output_dir / "base")
         written["base"] = output_dir / "base"
 
     (output_dir / "slider_cn_run.json").write_text(
@@ -173,10 +179,5 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def _base_components(components) -> Any:
-    """The base model parts without adapters (for saving a `tiny` run's model)."""
-    from dataclasses import replace
-
-    denoiser = components.denoiser
-    denoiser = getattr(denoiser, "module", denoiser)  # unwrap DDP
-    return replace(components, denoiser=clean_copy(denoiser), controlnet=None)
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return getattr(model, "module", model)  # DDP wraps the trained model

@@ -10,11 +10,13 @@ from __future__ import annotations
 import json
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import set_seed
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
@@ -37,6 +39,18 @@ log = logging.getLogger("slider_cn.train")
 
 class TrainingError(RuntimeError):
     """A run that cannot continue (e.g. a non-finite loss); the last good state is saved."""
+
+
+@dataclass
+class TrainResult:
+    """What a finished run leaves in memory, for callers that go on to measure or validate."""
+
+    output_dir: Path
+    steps: int
+    family: Any
+    components: Any
+    adapter: Any
+    files: dict[str, Path]
 
 
 def _check_output_dir(config: TrainConfig) -> None:
@@ -91,8 +105,8 @@ def _max_strength(backends) -> float:
     return max(strengths) if strengths else 1.0
 
 
-def train(config: TrainConfig) -> Path:
-    """Train a slider; return the output folder."""
+def train(config: TrainConfig) -> TrainResult:
+    """Train a slider; return where its files are and the trained objects."""
     if config.data_backend_config is None:
         raise ConfigError(
             "data_backend_config is required to train: set it in the config or pass --data_backend_config FILE"
@@ -145,6 +159,9 @@ def train(config: TrainConfig) -> Path:
         assistant = load_assistant_adapter(
             components.denoiser, config.assistant_lora_path, config.assistant_lora_strength
         )
+    # Adapter initialisation draws from the global RNG: the same seed on every rank gives a
+    # reproducible run and identical starting weights everywhere.
+    set_seed(config.seed)
     adapter = attach_slider_adapter(trainable, targets.names, config)
     params = list(adapter.trainable_parameters())
     # A fresh ControlNet's output projections are zero: unless they learn, its residuals stay
@@ -166,6 +183,11 @@ def train(config: TrainConfig) -> Path:
     trainable.train()
 
     optimizer = _optimizer(config, params)
+    unsynced_params = (
+        list(adapter.trainable_parameters())
+        if adapter.kind == "lycoris" and accelerator.num_processes > 1
+        else []
+    )
     micro_per_epoch = max(1, len(sampler))
     steps_per_epoch = math.ceil(micro_per_epoch / config.gradient_accumulation_steps)
     max_steps = config.max_train_steps or config.num_train_epochs * steps_per_epoch
@@ -287,6 +309,11 @@ def train(config: TrainConfig) -> Path:
                             f"'{plan.backend}', files {[str(f) for f in plan.files]}; "
                             f"last good state saved to {where}"
                         )
+                    if accelerator.sync_gradients and unsynced_params:
+                        # LyCORIS weights live outside the wrapped model: average them by hand.
+                        for p in unsynced_params:
+                            if p.grad is not None:
+                                p.grad = accelerator.reduce(p.grad, reduction="mean")
                     if accelerator.sync_gradients and config.max_grad_norm > 0:
                         accelerator.clip_grad_norm_(params, config.max_grad_norm)
                     optimizer.step()
@@ -311,10 +338,10 @@ def train(config: TrainConfig) -> Path:
                     "generator": generator.get_state(),
                     "epoch": epoch,
                 }
-                progress.update(1)
                 progress.set_postfix(
                     loss=f"{record['loss']:.4f}", sign=plan.sign, backend=plan.backend
                 )
+                progress.update(1)
                 if config.report_to != "none":
                     accelerator.log({"loss": record["loss"], "lr": record["lr"]}, step=global_step)
                 if global_step % config.checkpointing_steps == 0 and global_step < max_steps:
@@ -331,8 +358,9 @@ def train(config: TrainConfig) -> Path:
 
     save(global_step, epoch, boundary)
     accelerator.wait_for_everyone()
+    files: dict[str, Path] = {}
     if is_main:
-        outputs.write_final_outputs(
+        files = outputs.write_final_outputs(
             output_dir,
             config=config,
             family=family,
@@ -348,7 +376,7 @@ def train(config: TrainConfig) -> Path:
     if config.report_to != "none":
         accelerator.end_training()
     del assistant
-    return output_dir
+    return TrainResult(output_dir, global_step, family, components, adapter, files)
 
 
 def _generator_at(state: torch.Tensor) -> torch.Generator:

@@ -76,13 +76,17 @@ class ModelFamily:
                     self.config.controlnet_model_name_or_path
                 )
             else:
-                with seeded(self.config.seed + 1):
-                    components.controlnet = self.controlnet_from_denoiser(components.denoiser)
+                components.controlnet = self.fresh_controlnet(components.denoiser)
                 components.controlnet_is_fresh = True
         for module in components.modules().values():
             module.requires_grad_(False)
             module.eval()
         return components
+
+    def fresh_controlnet(self, denoiser: torch.nn.Module) -> torch.nn.Module:
+        """A ControlNet initialised from the denoiser, the same one for the same seed."""
+        with seeded(self.config.seed + 1):
+            return self.controlnet_from_denoiser(denoiser)
 
     def needs_controlnet(self) -> bool:
         return self.config.training_mode == "controlnet" or bool(

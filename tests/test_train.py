@@ -1,0 +1,252 @@
+"""End-to-end training on tiny models: modes, adapter types, outputs, resume, faults."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from slider_cn.cli import main
+from slider_cn.config import ConfigError, load_config
+from slider_cn.demo_data import write_demo_dataset
+from slider_cn.train import TrainingError, train
+
+LOKR = Path(__file__).parents[1] / "configs" / "lycoris_config.json"
+
+
+def make_config(root: Path, *, conditioning=None, images=2, **overrides):
+    paths = write_demo_dataset(
+        root, images_per_group=images, resolution=64, conditioning=conditioning
+    )
+    values = {
+        "max_train_steps": "3",
+        "checkpointing_steps": "100",
+        **{k: str(v) for k, v in overrides.items()},
+    }
+    return load_config(paths["config"], values)
+
+
+def losses(output_dir: Path) -> list[float]:
+    lines = (Path(output_dir) / "train_log.jsonl").read_text().splitlines()
+    return [json.loads(line)["loss"] for line in lines]
+
+
+def lycoris_file(tmp_path: Path, algo: str) -> Path:
+    if algo == "lokr":
+        return LOKR
+    path = tmp_path / f"{algo}.json"
+    path.write_text(json.dumps({"algo": algo}))
+    return path
+
+
+CASES = [
+    pytest.param(family, mode, kind, marks=pytest.mark.slow if family == "sdxl" else ())
+    for family in ("sd1x", "sdxl")
+    for mode in ("lora", "controlnet")
+    for kind in ("standard", "lokr", "full")
+]
+
+
+@pytest.mark.parametrize("family,mode,kind", CASES)
+def test_modes_and_adapter_types_train_and_save(tmp_path, family, mode, kind):
+    extra = (
+        {}
+        if kind == "standard"
+        else {"lora_type": "lycoris", "lycoris_config": lycoris_file(tmp_path, kind)}
+    )
+    config = make_config(
+        tmp_path / "run",
+        conditioning="folders",
+        model_family=family,
+        training_mode=mode,
+        max_train_steps=2,
+        **extra,
+    )
+    result = train(config)
+    out = Path(config.output_dir)
+    assert result.steps == 2 and len(losses(out)) == 2
+    assert all(torch.isfinite(torch.tensor(losses(out))))
+    if kind != "standard":
+        main_file = out / "slider_lycoris.safetensors"
+    elif mode == "lora":
+        main_file = out / "pytorch_lora_weights.safetensors"
+        assert (out / "slider_kohya.safetensors").is_file()
+    else:
+        main_file = out / "controlnet_slider.safetensors"
+    with safe_open(str(main_file), framework="pt") as handle:
+        metadata = handle.metadata()
+        assert len(list(handle.keys())) > 0
+    assert metadata["slider_cn.family"] == family
+    assert metadata["slider_cn.training_mode"] == mode
+    assert json.loads(metadata["slider_cn.strengths"]) == {"circle-plus": 0.5, "circle-minus": -0.5}
+    if mode == "controlnet":
+        assert (out / "controlnet" / "config.json").is_file()
+    assert (out / "base" / "model_index.json").is_file()  # tiny runs keep their base model
+
+
+def test_base_lora_loads_with_diffusers_and_kohya_keeps_true_alpha(tmp_path):
+    config = make_config(tmp_path / "run", lora_rank=4, lora_alpha=2, max_train_steps=2)
+    train(config)
+    out = Path(config.output_dir)
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(out / "base")
+    pipe.load_lora_weights(out)
+    assert any("lora_A" in name for name, _ in pipe.unet.named_parameters())
+    with safe_open(str(out / "slider_kohya.safetensors"), framework="pt") as handle:
+        alphas = {handle.get_tensor(k).item() for k in handle.keys() if k.endswith(".alpha")}
+    assert alphas == {2.0}
+
+
+def test_fresh_controlnet_learns_through_its_output_projections(tmp_path):
+    """DESIGN.md §8.1: the zero-initialised projections are trained, so residuals and then the
+    adapter get gradient; with them frozen the adapter would never receive any."""
+    from slider_cn.adapters import attach_slider_adapter
+    from slider_cn.families import get_family
+    from slider_cn.step import SliderStep, StepInputs
+    from slider_cn.targets import controlnet_output_projections, resolve_targets
+
+    config = make_config(tmp_path / "run", training_mode="controlnet", slider_lora_target="true")
+    family = get_family(config)
+    components = family.load_components()
+    controlnet = components.controlnet
+    names = resolve_targets(
+        controlnet, family.name, side="controlnet", exclude_shared_with=components.denoiser
+    ).names
+    adapter = attach_slider_adapter(controlnet, names, config)
+    projections = [
+        p
+        for n in controlnet_output_projections(controlnet, family.name)
+        for p in dict(controlnet.named_modules())[n].parameters()
+    ]
+    for p in projections:
+        p.requires_grad_(True)
+    step = SliderStep(
+        family,
+        components,
+        adapter,
+        training_mode="controlnet",
+        neutral_mode="preserve",
+        max_strength=0.5,
+    )
+    inputs = StepInputs(
+        latents=torch.randn(1, 4, 8, 8),
+        cond=family.encode_prompts(components, ["a large circle"]),
+        slider_strength=0.5,
+        sign="+",
+        conditioning_pixels=torch.rand(1, 3, 64, 64),
+    )
+    optimizer = torch.optim.SGD(adapter.trainable_parameters() + projections, lr=1.0)
+    step(inputs, torch.Generator().manual_seed(0), backward=lambda loss: loss.backward())
+    assert sum(p.grad.abs().sum() for p in projections) > 0  # first step: the projections learn
+    optimizer.step()
+    optimizer.zero_grad()
+    step(inputs, torch.Generator().manual_seed(0), backward=lambda loss: loss.backward())
+    adapter_grad = sum(
+        p.grad.abs().sum() for p in adapter.trainable_parameters() if p.grad is not None
+    )
+    assert adapter_grad > 0  # then the slider itself gets gradient through them
+
+
+def test_train_reports_fresh_controlnet_gradients_in_the_run(tmp_path):
+    config = make_config(
+        tmp_path / "run", conditioning="folders", training_mode="controlnet", max_train_steps=3
+    )
+    result = train(config)
+    # after training, the adapter's LoRA-B weights moved away from their zero start
+    moved = [v for k, v in result.adapter.state_dict().items() if "lora_B" in k]
+    assert moved and any(v.abs().sum() > 0 for v in moved)
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path):
+    full = make_config(tmp_path / "full", max_train_steps=6, checkpointing_steps=3)
+    train(full)
+    reference = losses(full.output_dir)
+
+    part = make_config(tmp_path / "part", max_train_steps=3, checkpointing_steps=3)
+    train(part)
+    resumed = load_config(
+        Path(part.data_backend_config).parent / "config.json",
+        {
+            "max_train_steps": "6",
+            "checkpointing_steps": "3",
+            "resume_from_checkpoint": "latest",
+            "output_dir": part.output_dir,
+        },
+    )
+    train(resumed)
+    assert losses(part.output_dir) == pytest.approx(reference, rel=1e-5, abs=1e-7)
+
+
+def test_output_dir_with_another_runs_checkpoints_is_refused(tmp_path):
+    config = make_config(tmp_path / "run", max_train_steps=1)
+    train(config)
+    with pytest.raises(
+        ConfigError, match="already holds checkpoints.*resume_from_checkpoint latest"
+    ):
+        train(config)
+
+
+def test_controlnet_mode_without_conditioning_fails_before_loading_models(tmp_path, monkeypatch):
+    from slider_cn.families.sd import SD1xFamily
+
+    def boom(*args, **kwargs):
+        raise AssertionError("models were loaded")
+
+    monkeypatch.setattr(SD1xFamily, "load_components", boom)
+    config = make_config(tmp_path / "run", training_mode="controlnet")
+    with pytest.raises(ConfigError, match="needs conditioning images.*circle-plus"):
+        train(config)
+
+
+def test_non_finite_loss_stops_with_batch_details_and_a_checkpoint(tmp_path, monkeypatch):
+    from slider_cn import step as step_module
+
+    original = step_module.SliderStep.__call__
+    calls = {"n": 0}
+
+    def poisoned(self, inputs, generator, backward=None):
+        calls["n"] += 1
+        result = original(self, inputs, generator, backward)
+        if calls["n"] == 2:
+            result.loss = torch.tensor(float("nan"))
+        return result
+
+    monkeypatch.setattr(step_module.SliderStep, "__call__", poisoned)
+    config = make_config(tmp_path / "run", max_train_steps=4)
+    with pytest.raises(
+        TrainingError,
+        match=r"non-finite loss nan at step 2, backend 'circle-minus', files \[.*minus_00",
+    ) as info:
+        train(config)
+    assert "checkpoint-1" in str(info.value)
+    assert (Path(config.output_dir) / "checkpoint-1" / "state.json").is_file()
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_130(tmp_path, monkeypatch, capsys):
+    from slider_cn import step as step_module
+
+    original = step_module.SliderStep.__call__
+    calls = {"n": 0}
+
+    def interrupted(self, inputs, generator, backward=None):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return original(self, inputs, generator, backward)
+
+    monkeypatch.setattr(step_module.SliderStep, "__call__", interrupted)
+    paths = write_demo_dataset(tmp_path / "run", images_per_group=2)
+    assert main(["train", "--config", str(paths["config"]), "--max_train_steps", "5"]) == 130
+    state = json.loads((tmp_path / "run" / "output" / "checkpoint-2" / "state.json").read_text())
+    assert state["step"] == 2
+
+
+def test_checkpoints_total_limit_prunes(tmp_path):
+    config = make_config(
+        tmp_path / "run", max_train_steps=5, checkpointing_steps=1, checkpoints_total_limit=2
+    )
+    train(config)
+    names = sorted(p.name for p in Path(config.output_dir).glob("checkpoint-*"))
+    assert names == ["checkpoint-4", "checkpoint-5"]
