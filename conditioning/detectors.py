@@ -1,7 +1,7 @@
 """Detectors ready to run: build one from the registry, call it on an RGB array.
 
-A built detector is called as ``detector(rgb, (width, height), rel_path)`` and returns an
-HxWx3 uint8 RGB array of exactly that size. Canny is OpenCV alone; every other detector is
+A built detector is called as ``detector(rgb, (width, height), rel_path)`` and returns a
+uint8 array of exactly that size: HxW for one-channel maps (spec.gray), HxWx3 RGB otherwise. Canny is OpenCV alone; every other detector is
 the controlnet-aux class, imported on demand (see ``_aux``) and, when it needs weights,
 loaded with its own ``from_pretrained`` from a local folder or a hub id.
 """
@@ -20,33 +20,14 @@ import cv2
 import numpy as np
 
 from conditioning._aux import aux_class
-from conditioning.images import resize, target_size, to_rgb3
+from conditioning.canny import CannyEdges
+from conditioning.images import resize, to_map
 from conditioning.registry import DetectorSpec, get_spec
 from slider_cn.config import ConfigError
 
 
 class Detector(Protocol):
     def __call__(self, rgb: np.ndarray, size: tuple[int, int], rel: str) -> np.ndarray: ...
-
-
-class CannyEdges:
-    """cv2.Canny on the RGB image: at the output size (bit-identical to calling cv2.Canny on
-    the same pixels), or at `detect_resolution` and then resized."""
-
-    def __init__(self, params: dict[str, Any]):
-        self.low = params["low_threshold"]
-        self.high = params["high_threshold"]
-        self.detect_resolution = params["detect_resolution"]
-
-    def __call__(self, rgb: np.ndarray, size: tuple[int, int], rel: str) -> np.ndarray:
-        if self.detect_resolution is None:
-            edges = cv2.Canny(resize(rgb, size), self.low, self.high)
-        else:
-            h, w = rgb.shape[:2]
-            work = resize(rgb, target_size(w, h, self.detect_resolution))
-            edges = cv2.Canny(work, self.low, self.high)
-            edges = resize(edges, size, upscale=cv2.INTER_LINEAR)
-        return to_rgb3(edges)
 
 
 class AuxDetector:
@@ -72,7 +53,7 @@ class AuxDetector:
             seed = (zlib.crc32(rel.encode()) + self.seed) % 2**32
             np.random.seed(seed)
             random.seed(seed)
-        out = to_rgb3(self.model(rgb, **self.kwargs))
+        out = to_map(self.model(rgb, **self.kwargs), self.spec.gray)
         return resize(out, size, upscale=cv2.INTER_LINEAR)
 
 

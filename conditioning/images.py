@@ -76,24 +76,25 @@ def resize(image: np.ndarray, size: tuple[int, int], *, upscale=cv2.INTER_LANCZO
     return cv2.resize(image, size, interpolation=interpolation)
 
 
-def to_rgb3(image: np.ndarray) -> np.ndarray:
-    """A detector's output as HxWx3 uint8."""
+def to_map(image: np.ndarray, gray: bool) -> np.ndarray:
+    """A detector's output as uint8: HxW when `gray` (its first channel), else HxWx3."""
     image = np.asarray(image)
     if image.dtype != np.uint8:
         image = image.clip(0, 255).astype(np.uint8)
+    if gray:
+        return np.ascontiguousarray(image if image.ndim == 2 else image[:, :, 0])
     if image.ndim == 2:
         image = image[:, :, None]
     if image.shape[2] == 1:
         image = np.repeat(image, 3, axis=2)
-    elif image.shape[2] == 4:
-        image = image[:, :, :3]
-    return np.ascontiguousarray(image)
+    return np.ascontiguousarray(image[:, :, :3])
 
 
-def save_png(rgb: np.ndarray, path: Path) -> None:
-    """Write an RGB PNG atomically (a temporary file renamed into place), so an interrupted run
-    never leaves a truncated image that a rerun would trust."""
-    ok, encoded = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+def save_png(image: np.ndarray, path: Path) -> None:
+    """Write an 8-bit PNG, grayscale (HxW) or RGB (HxWx3), atomically (a temporary file renamed
+    into place), so an interrupted run never leaves a truncated image that a rerun would trust."""
+    pixels = image if image.ndim == 2 else cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
+    ok, encoded = cv2.imencode(".png", pixels)
     if not ok:
         raise OSError(f"could not encode {path.name} as PNG")
     path.parent.mkdir(parents=True, exist_ok=True)

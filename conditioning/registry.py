@@ -46,6 +46,9 @@ class DetectorSpec:
     call_fixed: dict[str, Any] = field(default_factory=dict)
     # Random detectors are seeded per file (seed parameter + the file's relative path).
     seeded: bool = False
+    # One-channel maps (edges, lines, depth) are written as 8-bit grayscale PNGs, a third of
+    # the encoding work of RGB; the others (colours, normals, poses) as RGB.
+    gray: bool = False
 
     @property
     def needs_weights(self) -> bool:
@@ -89,6 +92,7 @@ _SPECS: tuple[DetectorSpec, ...] = (
                 optional=True,
             ),
         ),
+        gray=True,
     ),
     DetectorSpec(
         "shuffle",
@@ -113,6 +117,7 @@ _SPECS: tuple[DetectorSpec, ...] = (
         aux_module="lineart_standard",
         aux_class="LineartStandardDetector",
         call_names={"gaussian_sigma": "guassian_sigma"},
+        gray=True,
     ),
     DetectorSpec(
         "mediapipe_face",
@@ -138,6 +143,7 @@ _SPECS: tuple[DetectorSpec, ...] = (
         aux_class="HEDdetector",
         weights=("ControlNetHED.pth",),
         default_repo="lllyasviel/Annotators",
+        gray=True,
     ),
     DetectorSpec(
         "pidi",
@@ -152,6 +158,7 @@ _SPECS: tuple[DetectorSpec, ...] = (
         aux_class="PidiNetDetector",
         weights=("table5_pidinet.pth",),
         default_repo="lllyasviel/Annotators",
+        gray=True,
     ),
     DetectorSpec(
         "lineart",
@@ -161,6 +168,7 @@ _SPECS: tuple[DetectorSpec, ...] = (
         aux_class="LineartDetector",
         weights=("sk_model.pth", "sk_model2.pth"),
         default_repo="lllyasviel/Annotators",
+        gray=True,
     ),
     DetectorSpec(
         "lineart_anime",
@@ -170,6 +178,7 @@ _SPECS: tuple[DetectorSpec, ...] = (
         aux_class="LineartAnimeDetector",
         weights=("netG.pth",),
         default_repo="lllyasviel/Annotators",
+        gray=True,
     ),
     DetectorSpec(
         "mlsd",
@@ -183,6 +192,7 @@ _SPECS: tuple[DetectorSpec, ...] = (
         aux_class="MLSDdetector",
         weights=("mlsd_large_512_fp32.pth",),
         default_repo="lllyasviel/Annotators",
+        gray=True,
     ),
     DetectorSpec(
         "midas",
@@ -193,6 +203,7 @@ _SPECS: tuple[DetectorSpec, ...] = (
         weights=("dpt_hybrid-midas-501f0c75.pt",),
         default_repo="lllyasviel/Annotators",
         call_fixed={"depth_and_normal": False},
+        gray=True,
     ),
     DetectorSpec(
         "zoe",
@@ -205,6 +216,7 @@ _SPECS: tuple[DetectorSpec, ...] = (
         aux_class="ZoeDetector",
         weights=("ZoeD_M12_N.pt",),
         default_repo="lllyasviel/Annotators",
+        gray=True,
     ),
     DetectorSpec(
         "leres",
@@ -219,6 +231,7 @@ _SPECS: tuple[DetectorSpec, ...] = (
         aux_class="LeresDetector",
         weights=("res101.pth", "latest_net_G.pth"),
         default_repo="lllyasviel/Annotators",
+        gray=True,
     ),
     DetectorSpec(
         "normalbae",
@@ -255,6 +268,7 @@ _SPECS: tuple[DetectorSpec, ...] = (
         weights=("5_model.pth",),
         default_repo="fal-ai/teed",
         pretrained_kwargs={"filename": "5_model.pth"},
+        gray=True,
     ),
     DetectorSpec(
         "anyline",
@@ -271,6 +285,7 @@ _SPECS: tuple[DetectorSpec, ...] = (
         hub_subfolder="Anyline",
         pretrained_kwargs={"filename": "MTEED.pth", "subfolder": "Anyline"},
         call_names={"gaussian_sigma": "guassian_sigma"},
+        gray=True,
     ),
     DetectorSpec(
         "sam",

@@ -8,14 +8,16 @@ import multiprocessing
 import os
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
-from conditioning.images import ImageReadError, list_images, load_rgb, output_name, save_png
-from conditioning.images import target_size as _target_size
+from conditioning import _worker
+from conditioning.images import list_images, output_name
 from conditioning.manifest import Manifest
 from conditioning.registry import get_spec, resolve_params
 from slider_cn.config import ConfigError
@@ -23,6 +25,7 @@ from slider_cn.config import ConfigError
 log = logging.getLogger(__name__)
 
 _SAVE_EVERY_S = 2.0  # manifest checkpoint interval: an interrupted run keeps its progress
+_FILES_PER_HELPER = 4  # fewer files than this per process do not pay for starting one
 
 
 @dataclass
@@ -57,61 +60,60 @@ class RunReport:
         return "\n".join(lines)
 
 
-# --- per-file work (shared by the main process and the worker processes) -----------------
-_worker: dict[str, Any] = {}
-
-
-def _process(
-    detector: Any, input_dir: Path, output_dir: Path, rel: str, resolution: int | None
-) -> str | None:
-    """Make one output; returns an error message, or None on success."""
-    try:
-        rgb = load_rgb(input_dir / rel)
-    except ImageReadError as exc:
-        return str(exc)
-    height, width = rgb.shape[:2]
-    size = _target_size(width, height, resolution)
-    try:
-        out = detector(rgb, size, rel)
-    except Exception as exc:  # one bad image must not stop the batch
-        return f"detector failed ({type(exc).__name__}: {exc})"
-    try:
-        save_png(out, output_dir / output_name(rel))
-    except OSError as exc:
-        return f"could not write the output ({exc})"
-    return None
-
-
-def _init_worker(name, params, annotator_path, device, input_dir, output_dir, resolution):
+# --- the batch ----------------------------------------------------------------------------
+def _parallel(
+    built: Any, rels: list[str], n_workers: int, init_args: tuple
+) -> Iterator[tuple[str, str | None]]:
+    """Process `rels` here and in n_workers - 1 helper processes. This process works from the
+    start and hands chunks only to helpers that are up, so nothing ever waits for a helper to
+    start (on a loaded machine that takes seconds)."""
     import cv2
 
-    from conditioning.detectors import build_detector
-
-    cv2.setNumThreads(1)  # one process per core: OpenCV's own threads would oversubscribe
-    _worker.update(input_dir=input_dir, output_dir=output_dir, resolution=resolution)
+    input_dir, output_dir, resolution = init_args[-3:]
+    chunk = max(1, min(4, len(rels) // (n_workers * 8)))
+    chunks = [rels[i : i + chunk] for i in range(0, len(rels), chunk)]
+    helpers = n_workers - 1
+    # spawn, not fork: a fork copies OpenCV's and torch's thread pools in a broken state (a
+    # forked child can hang in its first cv2 call).
+    pool = ProcessPoolExecutor(
+        helpers, multiprocessing.get_context("spawn"), _worker.init, init_args
+    )
+    threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)  # one process per core while the helpers run
     try:
-        _worker["detector"] = build_detector(name, params, annotator_path, device)
-    except Exception as exc:  # raising here would make the pool respawn workers forever
-        _worker["error"] = f"worker could not start: {exc}"
+        # A ping is done once a helper has started and built its detector.
+        pings = [pool.submit(_worker.ping) for _ in range(helpers)]
+        pending: list[tuple[list[str], Future]] = []
+        position = 0
+        while position < len(chunks) or pending:
+            ready = sum(ping.done() for ping in pings)
+            while position < len(chunks) and len(pending) < 2 * ready:
+                pending.append(
+                    (chunks[position], pool.submit(_worker.work_chunk, chunks[position]))
+                )
+                position += 1
+            for item in [item for item in pending if item[1].done()]:
+                pending.remove(item)
+                yield from _chunk_results(*item)
+            if position < len(chunks):
+                for rel in chunks[position]:
+                    yield rel, _worker.process_file(built, input_dir, output_dir, rel, resolution)
+                position += 1
+            elif pending:
+                yield from _chunk_results(*pending.pop(0))
+    finally:
+        cv2.setNumThreads(threads)
+        # Helpers still starting are not waited for; they exit once up.
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _work(rel: str) -> tuple[str, str | None]:
-    if "error" in _worker:
-        return rel, _worker["error"]
+def _chunk_results(part: list[str], future: Future) -> Iterator[tuple[str, str | None]]:
     try:
-        error = _process(
-            _worker["detector"],
-            _worker["input_dir"],
-            _worker["output_dir"],
-            rel,
-            _worker["resolution"],
-        )
-    except Exception as exc:
-        error = f"{type(exc).__name__}: {exc}"
-    return rel, error
+        yield from future.result()
+    except BrokenProcessPool as exc:  # a helper died (killed, out of memory)
+        yield from ((rel, f"helper process died ({exc})") for rel in part)
 
 
-# --- the batch ----------------------------------------------------------------------------
 def _check_folders(input_dir: Path, output_dir: Path) -> None:
     if not input_dir.is_dir():
         raise ConfigError(f"input folder not found: {input_dir}")
@@ -167,8 +169,9 @@ def run_batch(
     reported in `failed` and the rest still processed. Bad arguments raise ConfigError.
 
     resolution: shorter side of the outputs in pixels (aspect kept); None: the source size.
-    workers: processes for the CPU detectors; weight-based detectors run in this process
-    (on `device`, default CUDA when available). force: redo every file.
+    workers: processes for the CPU detectors (this one and workers - 1 helpers); weight-based
+    detectors run in this process (on `device`, default CUDA when available).
+    force: redo every file.
     """
     spec = get_spec(detector)
     resolved = resolve_params(detector, params)
@@ -212,24 +215,20 @@ def run_batch(
     # Built here first even when workers build their own: bad weights or a missing package
     # are one clear error before any work starts.
     built = build_detector(detector, resolved, annotator_path, device)
-    n_workers = 1 if spec.uses_torch else min(int(workers), len(todo))
+    n_workers = 1 if spec.uses_torch else max(1, min(int(workers), len(todo) // _FILES_PER_HELPER))
     if spec.uses_torch and workers > 1:
         log.info("%s runs in one process (torch); --workers applies to CPU detectors", detector)
     stats = dict(todo)
     output_dir.mkdir(parents=True, exist_ok=True)
 
     def results() -> Iterator[tuple[str, str | None]]:
+        rels = [rel for rel, _ in todo]
         if n_workers == 1:
-            for rel, _ in todo:
-                yield rel, _process(built, input_dir, output_dir, rel, resolution)
+            for rel in rels:
+                yield rel, _worker.process_file(built, input_dir, output_dir, rel, resolution)
             return
-        # spawn, not fork: the parent may hold OpenCV / torch thread pools that a fork copies
-        # in a broken state.
-        ctx = multiprocessing.get_context("spawn")
-        init = (detector, resolved, annotator_path, device, input_dir, output_dir, resolution)
-        chunk = max(1, min(8, len(todo) // (n_workers * 4)))
-        with ctx.Pool(n_workers, initializer=_init_worker, initargs=init) as pool:
-            yield from pool.imap_unordered(_work, [rel for rel, _ in todo], chunksize=chunk)
+        init = (spec.aux_module is None, detector, resolved, annotator_path, device)
+        yield from _parallel(built, rels, n_workers, (*init, input_dir, output_dir, resolution))
 
     last_save = time.monotonic()
     bar = tqdm(total=len(todo), desc=detector, unit="img", disable=None if progress else True)

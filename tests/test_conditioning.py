@@ -60,10 +60,8 @@ def test_canny_is_cv2_canny_on_skimage_samples(tmp_path, thresholds):
     assert sorted(report.processed) == sorted(f"{n}.png" for n in samples) and report.ok
     for name, img in samples.items():
         out = _png(tmp_path / "out" / f"{name}.png")
-        expected = cv2.Canny(img, low, high)
-        assert out.shape == (*img.shape[:2], 3)  # the source size, not controlnet-aux's 512
-        for channel in range(3):
-            assert np.array_equal(out[:, :, channel], expected), name
+        # One-channel 8-bit PNG at the source size (not controlnet-aux's 512), cv2.Canny's bits.
+        assert np.array_equal(out, cv2.Canny(img, low, high)), name
 
 
 def test_canny_resolution_keeps_aspect(tmp_path):
@@ -72,9 +70,9 @@ def test_canny_resolution_keeps_aspect(tmp_path):
     Image.fromarray(coffee).save(tmp_path / "in" / "coffee.png")
     run_batch("canny", {}, tmp_path / "in", tmp_path / "out", resolution=200, progress=False)
     out = _png(tmp_path / "out" / "coffee.png")
-    assert out.shape == (200, 300, 3)
+    assert out.shape == (200, 300)
     small = cv2.resize(coffee, (300, 200), interpolation=cv2.INTER_AREA)
-    assert np.array_equal(out[:, :, 0], cv2.Canny(small, 100, 200))
+    assert np.array_equal(out, cv2.Canny(small, 100, 200))
 
 
 # --- resumable ---------------------------------------------------------------------------------
@@ -117,12 +115,33 @@ def test_rerun_skips_up_to_date_and_redoes_what_changed(tmp_path):
 
 def test_workers_give_the_same_outputs(tmp_path):
     src = tmp_path / "in"
-    names = _write_small_images(src, 6)
+    names = _write_small_images(src, 12)
     one = run_batch("canny", {}, src, tmp_path / "one", workers=1, progress=False)
     two = run_batch("canny", {}, src, tmp_path / "two", workers=2, progress=False)
     assert one.processed == two.processed == names
     for n in names:
         assert np.array_equal(_png(tmp_path / "one" / n), _png(tmp_path / "two" / n))
+
+
+def test_a_helper_process_makes_the_same_outputs(tmp_path):
+    """The spawned helper path on its own (run_batch hands helpers work only once they are up,
+    which a fast small batch may never wait for)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from conditioning import _worker
+
+    src = tmp_path / "in"
+    names = _write_small_images(src, 3)
+    run_batch("canny", {}, src, tmp_path / "here", progress=False)
+    params = resolve_params("canny", {})
+    init = (True, "canny", params, None, None, src, tmp_path / "helper", None)
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(1, ctx, _worker.init, init) as pool:
+        results = pool.submit(_worker.work_chunk, names).result()
+    assert results == [(n, None) for n in names]
+    for n in names:
+        assert np.array_equal(_png(tmp_path / "here" / n), _png(tmp_path / "helper" / n))
 
 
 def test_sources_of_other_formats_become_png_and_captions_are_ignored(tmp_path):
@@ -157,7 +176,7 @@ def test_seeded_detectors_are_reproducible_and_lineart_standard_runs(tmp_path):
     assert a.shape == (48, 64, 3) and np.array_equal(a, b) and not np.array_equal(a, c)
 
     report = run_batch("lineart_standard", {"detect_resolution": 64}, src, tmp_path / "l")
-    assert report.processed == names and _png(tmp_path / "l" / names[1]).shape == (48, 64, 3)
+    assert report.processed == names and _png(tmp_path / "l" / names[1]).shape == (48, 64)
 
 
 # --- parameters and the registry ---------------------------------------------------------------
@@ -242,7 +261,7 @@ def test_hed_runs_from_a_local_folder_offline(tmp_path, hed_weights, monkeypatch
         img = _png(src / n)
         expected = direct(img, detect_resolution=64, image_resolution=64, output_type="np")
         expected = cv2.resize(expected, (img.shape[1], img.shape[0]), interpolation=cv2.INTER_AREA)
-        assert np.array_equal(_png(tmp_path / "out" / n), expected)
+        assert np.array_equal(_png(tmp_path / "out" / n), expected[:, :, 0])  # gray PNG
 
     entry = json.loads((tmp_path / "out" / MANIFEST_NAME).read_text())["files"][names[0]]
     assert entry["weights"] == str(hed_weights.resolve())
@@ -346,4 +365,4 @@ def test_preprocess_cli_thresholds_and_resolution(tmp_path, capsys):
     assert code == 0 and "2 processed" in capsys.readouterr().out
     img = _png(src / names[0])
     small = cv2.resize(img, (32, 24), interpolation=cv2.INTER_AREA)
-    assert np.array_equal(_png(tmp_path / "o" / names[0])[:, :, 0], cv2.Canny(small, 30, 60))
+    assert np.array_equal(_png(tmp_path / "o" / names[0]), cv2.Canny(small, 30, 60))
