@@ -195,7 +195,6 @@ def test_params_are_validated_with_the_detector_named():
     )
 
 
-@pytest.mark.slow
 def test_registry_matches_installed_controlnet_aux():
     """Names, defaults and weight file names follow the installed controlnet-aux classes."""
     from conditioning._aux import aux_class
@@ -269,6 +268,53 @@ def test_hed_runs_from_a_local_folder_offline(tmp_path, hed_weights, monkeypatch
     assert main(["preprocess", "--detector", "hed", "--input", str(src), "--output",
                  str(tmp_path / "out"), "--detect-resolution", "64",
                  "--annotator-path", str(hed_weights)]) == 0  # fmt: skip
+
+
+def _random_weights(name: str, folder: Path) -> None:
+    """Randomly initialised weights in the layout each controlnet-aux class loads."""
+    import torch
+
+    from conditioning._aux import aux_class
+
+    spec = DETECTORS[name]
+    aux_class(name, spec.aux_module, spec.aux_class)
+    if name == "teed":
+        from controlnet_aux.teed.ted import TED
+
+        torch.save(TED().state_dict(), folder / "5_model.pth")
+    elif name == "pidi":  # a training checkpoint: {"state_dict": {"module.<name>": ...}}
+        from controlnet_aux.pidi.model import pidinet
+
+        state = {f"module.{k}": v for k, v in pidinet().state_dict().items()}
+        torch.save({"state_dict": state}, folder / "table5_pidinet.pth")
+    elif name == "lineart":  # two networks: fine and coarse
+        from controlnet_aux.lineart import Generator
+
+        torch.save(Generator(3, 1, 3).state_dict(), folder / "sk_model.pth")
+        torch.save(Generator(3, 1, 3).state_dict(), folder / "sk_model2.pth")
+
+
+@pytest.mark.parametrize(
+    ("name", "params"),
+    [
+        ("teed", {"detect_resolution": 64}),
+        ("pidi", {"detect_resolution": 64, "safe": True}),
+        ("lineart", {"detect_resolution": 64, "coarse": True}),
+    ],
+)
+def test_other_weight_based_detectors_from_local_folders(tmp_path, name, params, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import torch
+
+    torch.manual_seed(0)
+    weights = tmp_path / "w"
+    weights.mkdir()
+    _random_weights(name, weights)
+    src = tmp_path / "in"
+    names = _write_small_images(src, 1)
+    report = run_batch(name, params, src, tmp_path / "out", annotator_path=str(weights))
+    assert report.ok and report.processed == names
+    assert _png(tmp_path / "out" / names[0]).shape == (48, 64)
 
 
 def test_missing_weights_say_where_and_how(tmp_path, capsys, monkeypatch):
