@@ -48,13 +48,21 @@ class AuxDetector:
         self.kwargs = kwargs
 
     def __call__(self, rgb: np.ndarray, size: tuple[int, int], rel: str) -> np.ndarray:
-        if self.spec.seeded:
-            # Reproducible per file, independent of the order files are processed in.
+        if not self.spec.seeded:
+            out = self.model(rgb, **self.kwargs)
+        else:
+            # controlnet-aux draws from the global RNGs: seed them per file (reproducible,
+            # independent of the processing order) and restore them afterwards.
             seed = (zlib.crc32(rel.encode()) + self.seed) % 2**32
+            np_state, py_state = np.random.get_state(), random.getstate()
             np.random.seed(seed)
             random.seed(seed)
-        out = to_map(self.model(rgb, **self.kwargs), self.spec.gray)
-        return resize(out, size, upscale=cv2.INTER_LINEAR)
+            try:
+                out = self.model(rgb, **self.kwargs)
+            finally:
+                np.random.set_state(np_state)
+                random.setstate(py_state)
+        return resize(to_map(out, self.spec.gray), size, upscale=cv2.INTER_LINEAR)
 
 
 def resolve_device(device: str | None) -> str:

@@ -169,10 +169,12 @@ def test_seeded_detectors_are_reproducible_and_lineart_standard_runs(tmp_path):
     src = tmp_path / "in"
     names = _write_small_images(src, 2)
     params = {"detect_resolution": 64, "f": 16}
+    state = np.random.get_state()[1][0]
     run_batch("shuffle", params, src, tmp_path / "a", progress=False)
     run_batch("shuffle", params, src, tmp_path / "b", progress=False)
     run_batch("shuffle", {**params, "seed": 1}, src, tmp_path / "c", progress=False)
     a, b, c = (_png(tmp_path / d / names[0]) for d in "abc")
+    assert np.random.get_state()[1][0] == state  # the global RNG is left as it was
     assert a.shape == (48, 64, 3) and np.array_equal(a, b) and not np.array_equal(a, c)
 
     report = run_batch("lineart_standard", {"detect_resolution": 64}, src, tmp_path / "l")
@@ -390,6 +392,8 @@ def test_preprocess_rejects_unknown_and_foreign_options(tmp_path, capsys):
     assert main([*base, "--low-threshold", "250"]) == 2
     assert main(["preprocess", "--detector", "canny"]) == 2
     assert "needs --input, --output" in capsys.readouterr().err
+    assert main([*base[:4], str(tmp_path / "missing"), *base[5:]]) == 2
+    assert "input folder not found" in capsys.readouterr().err
 
 
 def test_preprocess_list(capsys):
