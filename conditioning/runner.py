@@ -86,11 +86,14 @@ def _parallel(
         pending: list[tuple[list[str], Future]] = []
         position = 0
         while position < len(chunks) or pending:
-            ready = sum(ping.done() for ping in pings)
+            ready = sum(ping.done() and ping.exception() is None for ping in pings)
             while position < len(chunks) and len(pending) < 2 * ready:
-                pending.append(
-                    (chunks[position], pool.submit(_worker.work_chunk, chunks[position]))
-                )
+                try:
+                    future = pool.submit(_worker.work_chunk, chunks[position])
+                except BrokenProcessPool:  # a helper died: this process carries on alone
+                    pings = []
+                    break
+                pending.append((chunks[position], future))
                 position += 1
             for item in [item for item in pending if item[1].done()]:
                 pending.remove(item)
