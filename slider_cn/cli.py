@@ -173,7 +173,28 @@ def _run_targets(args: argparse.Namespace, overrides: dict[str, str | None]) -> 
     return 0
 
 
-SUBCOMMANDS = (_add_train, _add_targets)
+# --- preprocess --------------------------------------------------------------------------
+def _add_preprocess(subparsers) -> None:
+    from conditioning.cli import add_arguments
+
+    p = subparsers.add_parser(
+        "preprocess",
+        allow_abbrev=False,
+        help="make conditioning images (canny, depth, pose, ...) for a folder of images",
+        description="Run a conditioning detector over every image under --input and write PNGs "
+        "with the same relative paths under --output; a rerun redoes only what changed.",
+    )
+    add_arguments(p)
+    p.set_defaults(func=_run_preprocess)
+
+
+def _run_preprocess(args: argparse.Namespace) -> int:
+    from conditioning.cli import run
+
+    return run(args)
+
+
+SUBCOMMANDS = (_add_train, _add_preprocess, _add_targets)
 
 
 def build_parser() -> argparse.ArgumentParser:
