@@ -72,20 +72,18 @@ def _run_train(args: argparse.Namespace, overrides: dict[str, str | None]) -> in
 
 
 def _dry_run(config: TrainConfig) -> int:
-    from slider_cn.data.config import load_backend_configs
+    from slider_cn.data.backends import training_backends
     from slider_cn.families import get_family
 
-    if config.data_backend_config is None:
-        raise ConfigError(
-            "data_backend_config is required to train: set it in the config or pass --data_backend_config FILE"
-        )
-    backends = load_backend_configs(config.data_backend_config)
+    # The same data checks as training (captions, pairs, balance, inline conditioning),
+    # then the model components.
+    backends = training_backends(config)
     family = get_family(config)
     components = family.load_components()
     for role, module in components.modules().items():
         params = sum(p.numel() for p in module.parameters())
         log.info("%-14s %-36s %10d parameters", role, type(module).__name__, params)
-    log.info("%d dataset backends: %s", len(backends), ", ".join(b.id for b in backends))
+    log.info("%d training backends: %s", len(backends), ", ".join(b.id for b in backends))
     print(config_to_json(config))
     return 0
 

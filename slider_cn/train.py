@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from slider_cn import checkpoints, outputs
 from slider_cn.adapters import attach_slider_adapter, load_assistant_adapter
 from slider_cn.config import ConfigError, TrainConfig
-from slider_cn.data.backends import build_backends
+from slider_cn.data.backends import training_backends
 from slider_cn.data.cache import EncodedCache
 from slider_cn.data.loading import load_batch
 from slider_cn.data.sampler import SliderSampler
@@ -123,7 +123,7 @@ def train(config: TrainConfig) -> TrainResult:
     is_main = accelerator.is_main_process
 
     # --- data: validated before any model is loaded ---------------------------------------
-    backends = build_backends(config)
+    backends = training_backends(config, progress=is_main)
     _check_conditioning(config, backends)
     sampler = SliderSampler(
         backends,

@@ -182,25 +182,24 @@ def test_ambiguous_conditioning_is_an_error(tmp_path):
         build_backends(config)
 
 
-def test_inline_conditioning_backend_is_not_rejected_and_has_a_hook(tmp_path):
+def test_inline_conditioning_is_generated_and_paired(tmp_path):
+    from slider_cn.data.backends import training_backends
+
     image(tmp_path / "img/a.png")
     image(tmp_path / "img/sub/b.png")
     backends = [{"id": "img", "instance_data_dir": "img", "conditioning": [{"type": "canny"}]}]
-    config = setup(tmp_path, backends)
-    (img,) = build_backends(config)
+    config = setup(tmp_path, backends, output_dir="out")
+    (img,) = build_backends(config)  # without generation (as --plan): accepted, unpaired
     assert [s.conditioning for s in img.samples] == [None, None]
 
-    def generate(backend):
-        out = tmp_path / "generated" / backend.id
-        for sample in backend.samples:
-            image(out / f"{sample.key}.png", colour=(255, 255, 255))
-        return out
-
-    (img,) = build_backends(config, prepare_conditioning=generate)
-    assert [s.conditioning.relative_to(tmp_path).as_posix() for s in img.samples] == [
-        "generated/img/a.png",
-        "generated/img/sub/b.png",
+    (img,) = training_backends(config, progress=False)
+    generated = [s.conditioning for s in img.samples]
+    assert all(p is not None and p.is_file() for p in generated)
+    assert [p.relative_to(config.cache_path / "conditioning").parts[0] for p in generated] == [
+        "img",
+        "img",
     ]
+    assert [p.stem for p in generated] == ["a", "b"]
 
 
 def test_balance_counts_repeats(tmp_path):
