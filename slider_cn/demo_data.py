@@ -1,7 +1,8 @@
 """A small synthetic contrastive dataset: the embedded default that `make demo` and tests use.
 
 The concept is "circle size": positive images hold a large disc, negative images a small one,
-neutral images a square. Each image has a caption file; the training config and dataloader
+both captioned alike (the contrast is in the pictures, the strength picks the direction);
+neutral images hold a square. Each image has a caption file; the training config and dataloader
 config are written beside them.
 """
 
@@ -45,8 +46,8 @@ def write_demo_dataset(
     root = Path(root)
     rng = np.random.default_rng(seed)
     groups = {
-        "plus": ("large", "a large circle"),
-        "minus": ("small", "a small circle"),
+        "plus": ("large", "a circle"),
+        "minus": ("small", "a circle"),
         "neutral": ("square", "a square"),
     }
     folders: dict[str, Path] = {}

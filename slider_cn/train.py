@@ -118,6 +118,8 @@ def train(config: TrainConfig) -> TrainResult:
         mixed_precision=config.mixed_precision,
         log_with=None if config.report_to == "none" else config.report_to,
         project_dir=config.output_dir,
+        # Without a GPU, say so: accelerate then starts gloo ranks under torchrun on CPU.
+        cpu=not torch.cuda.is_available(),
     )
     output_dir = Path(config.output_dir)
     is_main = accelerator.is_main_process

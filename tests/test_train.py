@@ -250,3 +250,221 @@ def test_checkpoints_total_limit_prunes(tmp_path):
     train(config)
     names = sorted(p.name for p in Path(config.output_dir).glob("checkpoint-*"))
     assert names == ["checkpoint-4", "checkpoint-5"]
+
+
+def _shifted_latents(monkeypatch, delta):
+    """Make positive latents shift by +delta and negative by -delta, as the cache returns them."""
+    from slider_cn.data.cache import EncodedCache
+
+    original = EncodedCache.latents
+    signs = {"+": 1.0, "-": -1.0, "0": 0.0}
+
+    def shifted(self, batch):
+        return original(self, batch) + signs[batch.sign] * delta.to(original(self, batch))
+
+    monkeypatch.setattr(EncodedCache, "latents", shifted)
+
+
+@pytest.mark.slow
+def test_slider_slides_along_the_contrast(tmp_path, monkeypatch):
+    """Positive latents shifted one way, negative the other: after a few dozen steps the
+    slider's +1 vs -1 clean-latent estimates point from negative to positive."""
+    from slider_cn.data.cache import EncodedCache
+    from slider_cn.data.loading import load_batch
+    from slider_cn.data.sampler import SliderSampler
+    from slider_cn.effect import slider_effect_cosine
+
+    paths = write_demo_dataset(tmp_path / "run", images_per_group=4)
+    contrast = json.loads(paths["dataloader"].read_text())[:2]  # the positive and negative backends
+    paths["dataloader"].write_text(json.dumps(contrast))
+    config = load_config(
+        paths["config"],
+        {"max_train_steps": "45", "learning_rate": "1e-2", "lora_rank": "4", "lora_alpha": "4"},
+    )
+    # a per-channel shift: one direction in latent space, the same at every position
+    delta = torch.tensor([1.0, -1.0, 0.5, -0.5]).view(4, 1, 1).expand(4, 8, 8)
+    _shifted_latents(monkeypatch, delta)
+    result = train(config)
+
+    cache = EncodedCache(config.cache_path, result.family, result.components)
+    from slider_cn.data.backends import training_backends
+
+    latents = {
+        plan.sign: cache.latents(load_batch(plan, pixels=False))  # shifted, as trained on
+        for plan in SliderSampler(training_backends(config), batch_size=4, seed=0)
+    }
+    cosine = slider_effect_cosine(
+        result.family,
+        result.components,
+        result.adapter,
+        positive=latents["+"],
+        negative=latents["-"],
+        start=torch.cat([latents["+"], latents["-"]]),
+        cond=result.family.encode_prompts(result.components, ["a circle"] * 8),
+    )
+    assert cosine > 0.5
+
+
+def _neutral_setup(tmp_path):
+    from slider_cn.adapters import attach_slider_adapter
+    from slider_cn.families import get_family
+    from slider_cn.step import SliderStep, StepInputs
+    from slider_cn.targets import resolve_targets
+
+    config = make_config(tmp_path / "run", slider_lora_target="true", lora_rank=4)
+    family = get_family(config)
+    components = family.load_components()
+    unet = components.denoiser
+    adapter = attach_slider_adapter(unet, resolve_targets(unet, family.name).names, config)
+    torch.manual_seed(0)
+    for p in adapter.trainable_parameters():
+        p.data.normal_(0, 0.1)  # a slider that already changes things
+    inputs = StepInputs(
+        latents=torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1)),
+        cond=family.encode_prompts(components, ["a square"] * 2),
+        slider_strength=0.0,
+        sign="0",
+    )
+    return family, components, adapter, inputs, SliderStep, unet
+
+
+def test_preserve_neutral_keeps_the_base_and_pulls_the_slider_toward_it(tmp_path):
+    family, components, adapter, inputs, SliderStep, unet = _neutral_setup(tmp_path)
+    step = SliderStep(
+        family, components, adapter, training_mode="lora", neutral_mode="preserve", max_strength=0.5
+    )
+    noisy = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    t = torch.tensor([300, 700])
+
+    @torch.no_grad()
+    def gap():
+        with adapter.multiplier(0.0):
+            base = family.predict(components, noisy, t, inputs.cond)
+        total = 0.0
+        for s in (0.5, -0.5):
+            with adapter.multiplier(s):
+                total += (
+                    (family.predict(components, noisy, t, inputs.cond) - base).pow(2).mean().item()
+                )
+        return base, total
+
+    base_before, gap_before = gap()
+    optimizer = torch.optim.AdamW(adapter.trainable_parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(3)
+    for _ in range(15):
+        step(inputs, generator, backward=lambda loss: loss.backward())
+        optimizer.step()
+        optimizer.zero_grad()
+    base_after, gap_after = gap()
+    assert torch.equal(base_before, base_after)  # multiplier 0 is the untouched base
+    assert (
+        gap_after < 0.5 * gap_before
+    )  # the slider is pulled toward "no change" on neutral content
+
+
+def test_regular_neutral_trains_at_strength_one(tmp_path):
+    family, components, adapter, inputs, SliderStep, unet = _neutral_setup(tmp_path)
+    step = SliderStep(
+        family, components, adapter, training_mode="lora", neutral_mode="regular", max_strength=0.5
+    )
+    assert step(inputs, torch.Generator().manual_seed(0)).strength == 1.0
+
+
+def test_gradient_checkpointing_gives_the_gradients_of_the_batch_strength(tmp_path):
+    """With checkpointing, backward recomputes the forward: it must see the same multiplier."""
+    family, components, adapter, inputs, SliderStep, unet = _neutral_setup(tmp_path)
+    inputs.sign, inputs.slider_strength = "-", -0.5
+    step = SliderStep(
+        family, components, adapter, training_mode="lora", neutral_mode="preserve", max_strength=0.5
+    )
+    unet.train()
+
+    def grads():
+        step(inputs, torch.Generator().manual_seed(5), backward=lambda loss: loss.backward())
+        out = [p.grad.clone() for p in adapter.trainable_parameters()]
+        for p in adapter.trainable_parameters():
+            p.grad = None
+        return out
+
+    plain = grads()
+    unet.enable_gradient_checkpointing()
+    checkpointed = grads()
+    for a, b in zip(plain, checkpointed, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_assistant_adapter_is_untouched_by_training(tmp_path):
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig
+
+    from slider_cn.families import get_family
+
+    config = make_config(tmp_path / "run", max_train_steps=3)
+    unet = get_family(config).load_components().denoiser
+    assert isinstance(unet, UNet2DConditionModel)
+    unet.add_adapter(
+        LoraConfig(
+            r=2, lora_alpha=2, target_modules=["to_q", "to_k", "to_v"], init_lora_weights=False
+        )
+    )
+    unet.save_lora_adapter(tmp_path / "assistant")
+    assistant_file = next((tmp_path / "assistant").glob("*.safetensors"))
+
+    config = make_config(
+        tmp_path / "run2",
+        max_train_steps=3,
+        assistant_lora_path=assistant_file,
+        assistant_lora_strength=0.7,
+    )
+    result = train(config)
+    trained = dict(result.components.denoiser.named_parameters())
+    reference = {
+        k.replace(".default.", ".assistant."): v for k, v in unet.named_parameters() if "lora_" in k
+    }
+    assistant = {k: v for k, v in trained.items() if ".assistant." in k}
+    assert assistant and set(assistant) == set(reference)
+    for key, value in assistant.items():
+        assert torch.equal(value, reference[key]), key
+        assert not value.requires_grad
+    # nor is it saved with the slider
+    from safetensors.torch import load_file
+
+    saved = load_file(str(Path(config.output_dir) / "pytorch_lora_weights.safetensors"))
+    assert saved and not any("assistant" in k for k in saved)
+    assert len(saved) == len(result.adapter.state_dict())
+
+
+@pytest.mark.slow
+def test_two_process_cpu_run_shares_signs_and_splits_files(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    paths = write_demo_dataset(tmp_path / "run", images_per_group=2)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29517",
+        "-m",
+        "slider_cn.cli",
+        "train",
+        "--config",
+        str(paths["config"]),
+        "--max_train_steps",
+        "2",
+    ]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = tmp_path / "run" / "output"
+    ranks = [
+        [json.loads(line) for line in (out / name).read_text().splitlines()]
+        for name in ("train_log.jsonl", "train_log.rank1.jsonl")
+    ]
+    assert [r["sign"] for r in ranks[0]] == [r["sign"] for r in ranks[1]] == ["+", "-"]
+    for a, b in zip(*ranks, strict=True):
+        assert a["backend"] == b["backend"] and not set(a["files"]) & set(b["files"])
