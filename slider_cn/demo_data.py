@@ -1,6 +1,6 @@
 """A small synthetic contrastive dataset: the embedded default that `make demo` and tests use.
 
-The concept is "circle size": positive images hold a large disc, negative images a small one,
+The concept is "circle size": positive images hold a large bright disc, negative a small dim one,
 both captioned alike (the contrast is in the pictures, the strength picks the direction);
 neutral images hold a square. Each image has a caption file; the training config and dataloader
 config are written beside them.
@@ -16,11 +16,16 @@ from PIL import Image, ImageDraw, ImageFilter
 
 
 def _draw(kind: str, index: int, size: int, rng: np.random.Generator) -> Image.Image:
-    background = tuple(int(v) for v in rng.integers(0, 80, size=3))
-    colour = tuple(int(v) for v in rng.integers(150, 256, size=3))
+    background = tuple(int(v) for v in rng.integers(0, 60, size=3))
+    # "more" is larger and brighter, "less" smaller and dimmer: one visual direction
+    low = {"large": 200, "small": 70}.get(kind, 120)
+    colour = tuple(int(v) for v in rng.integers(low, low + 56, size=3))
     image = Image.new("RGB", (size, size), background)
     draw = ImageDraw.Draw(image)
-    cx, cy = (int(v) for v in rng.integers(size // 3, 2 * size // 3, size=2))
+    # near the centre, so the contrast sits in the same place in every picture
+    cx, cy = (
+        int(v) for v in rng.integers(size // 2 - size // 16, size // 2 + size // 16 + 1, size=2)
+    )
     if kind == "square":
         r = size // 5
         draw.rectangle((cx - r, cy - r, cx + r, cy + r), fill=colour)
@@ -40,7 +45,9 @@ def write_demo_dataset(
     """Write images, captions, a dataloader config and a training config under ``root``.
 
     ``conditioning``: None (no conditioning images), ``"folders"`` (edge maps written beside
-    the images as conditioning backends) or ``"inline"`` (each backend asks for canny inline).
+    the images as conditioning backends), ``"canny"`` (conditioning backends that read
+    ``canny/<group>``, for `slider-cn preprocess --detector canny --input data --output canny`
+    to fill) or ``"inline"`` (each backend asks for canny inline).
     Returns the paths: ``config``, ``dataloader``, and one folder per group.
     """
     root = Path(root)
@@ -84,13 +91,14 @@ def write_demo_dataset(
         {"id": "neutral", "instance_data_dir": "data/neutral", "caption_strategy": "textfile"},
     ]
     for backend, group in zip(list(dataloader), groups, strict=True):
-        if conditioning == "folders":
-            backend["conditioning_data"] = f"{backend['id']}-edges"
+        if conditioning in ("folders", "canny"):
+            folder = f"data/{group}_edges" if conditioning == "folders" else f"canny/{group}"
+            backend["conditioning_data"] = f"{backend['id']}-{conditioning}"
             dataloader.append(
                 {
-                    "id": f"{backend['id']}-edges",
+                    "id": f"{backend['id']}-{conditioning}",
                     "dataset_type": "conditioning",
-                    "instance_data_dir": f"data/{group}_edges",
+                    "instance_data_dir": folder,
                 }
             )
         elif conditioning == "inline":

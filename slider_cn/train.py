@@ -7,6 +7,7 @@ checkpoints -> final outputs.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import math
@@ -112,6 +113,10 @@ def train(config: TrainConfig) -> TrainResult:
             "data_backend_config is required to train: set it in the config or pass --data_backend_config FILE"
         )
     _check_output_dir(config)
+    if config.report_to != "none" and importlib.util.find_spec(config.report_to) is None:
+        raise ConfigError(
+            f"report_to '{config.report_to}' needs the {config.report_to} package: pip install {config.report_to}"
+        )
 
     accelerator = Accelerator(
         gradient_accumulation_steps=config.gradient_accumulation_steps,
