@@ -68,7 +68,7 @@ def clean_copy(model: torch.nn.Module) -> torch.nn.Module:
     clean = type(model).from_config(model.config)
     state = {}
     for key, value in model.state_dict().items():
-        if "lora_" in key or ".lokr_" in key or ".hada_" in key:
+        if _is_adapter_key(key) and ".base_layer." not in key:
             continue
         state[key.replace(".base_layer.", ".")] = value
     clean.load_state_dict(state, strict=True)
@@ -144,7 +144,10 @@ def write_final_outputs(
         # A fresh ControlNet exists nowhere else: save it as initialised plus its trained output
         # projections, without the slider (which loads on top of it).
         folder = output_dir / "controlnet"
-        controlnet = family.fresh_controlnet(clean_copy(_unwrap(components.denoiser)))
+        denoiser = _unwrap(components.denoiser)
+        if _has_adapters(denoiser):  # e.g. an assistant LoRA: initialise from the clean base
+            denoiser = clean_copy(denoiser)
+        controlnet = family.fresh_controlnet(denoiser)
         trained = dict(_unwrap(trainable).named_modules())
         for name in projection_names:
             dict(controlnet.named_modules())[name].load_state_dict(trained[name].state_dict())
@@ -177,6 +180,14 @@ def _jsonable(value: Any) -> Any:
     if hasattr(value, "value") and not isinstance(value, (int, float, str, bool)):
         return value.value
     return value
+
+
+def _has_adapters(model: torch.nn.Module) -> bool:
+    return any(_is_adapter_key(key) for key in model.state_dict())
+
+
+def _is_adapter_key(key: str) -> bool:
+    return "lora_" in key or ".lokr_" in key or ".hada_" in key or ".base_layer." in key
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
