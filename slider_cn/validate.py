@@ -264,7 +264,9 @@ def run_validation(
                 "strengths": strengths,
                 "prompts": [
                     {
-                        **dataclasses.asdict(p),
+                        "name": p.name,
+                        "prompt": p.prompt,
+                        "adapter_strength": p.strength,
                         "image": images[p.name].name,
                         "sweep": grids[p.name].name,
                     }
