@@ -158,8 +158,17 @@ def merge_controlnet(
     from diffusers import ControlNetModel
 
     from slider_cn.config import ConfigError
-    from slider_cn.loading import load_slider, set_slider_strength
+    from slider_cn.loading import load_slider
 
+    if files.is_lycoris:
+        # lycoris-lora 4.1.3's merge_to applies a LoKr module's alpha/dim scale twice (its
+        # forward applies it once), so a merged ControlNet would not be the trained slider.
+        raise ConfigError(
+            f"{files.slider_file}: merging a LyCORIS slider into a ControlNet is not supported "
+            "(lycoris-lora's merge does not reproduce its own forward for LoKr); load it with "
+            "slider_cn.load_slider in diffusers, or train with lora_type standard for a "
+            "mergeable ControlNet slider"
+        )
     if files.side != "controlnet":
         raise ConfigError(
             f"{files.slider_file} is a base-side slider; merged-controlnet is for sliders trained "
@@ -176,16 +185,12 @@ def merge_controlnet(
     except (OSError, ValueError) as exc:
         raise ConfigError(f"could not load the ControlNet from {source}: {exc}") from None
     load_slider(model, files.folder, strength=strength)
-    if files.is_lycoris:
-        network = model._slider_cn_lycoris.pop("slider")
-        network.restore()  # back to the plain forward, then fold the weights in
-        network.merge_to(strength)
-    else:
-        set_slider_strength(model, strength)
-        model.fuse_lora(adapter_names=["slider"])  # W + strength * alpha/r * B A
-        model.unload_lora()
+    model.fuse_lora(adapter_names=["slider"])  # W + strength * alpha/r * B A
+    model.unload_lora()
     path = (
-        Path(output) if output else files.folder / f"controlnet_merged{_strength_suffix(strength)}"
+        Path(output)
+        if output
+        else files.folder / "export" / f"controlnet_merged{_strength_suffix(strength)}"
     )
     model.save_pretrained(str(path), safe_serialization=True)
     (path / "slider_cn.json").write_text(json.dumps(metadata, indent=2), encoding="utf-8")

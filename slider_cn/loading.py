@@ -67,7 +67,7 @@ class SliderFiles:
 
     @property
     def side(self) -> str:
-        """ "denoiser" or "controlnet": which model the slider was trained on."""
+        """Which model the slider was trained on: "denoiser" or "controlnet"."""
         if self.controlnet_lora is not None:
             return "controlnet"
         if self.base_lora is not None:

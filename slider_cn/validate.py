@@ -100,7 +100,7 @@ def _library_entry(path: Path, name: str, entry: Any, default: float) -> Validat
 
 
 def parse_strengths(text: str) -> list[float]:
-    """ "-1,-0.5,0,0.5,1" -> [-1.0, -0.5, 0.0, 0.5, 1.0]; anything else is a ConfigError."""
+    """Parse "-1,-0.5,0,0.5,1" into floats; anything else is a ConfigError."""
     try:
         values = [float(part) for part in text.split(",") if part.strip()]
     except ValueError:

@@ -107,6 +107,12 @@ def test_pipeline_loads_base_slider_and_equals_training_at_each_strength(base_ru
             expected = unet_out(base_run)
         got = unet_out(base_run, pipe.unet, pipe.controlnet)
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    # the README's plain-diffusers line for a base-side slider sets the same scale
+    pipe.set_adapters(["slider"], adapter_weights=[-0.5])
+    with base_run.adapter.multiplier(-0.5):
+        expected = unet_out(base_run)
+    got = unet_out(base_run, pipe.unet, pipe.controlnet)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
     # the equality is not trivial: the slider moves the output
     set_slider_strength(pipe, 0.0)
     at_zero = unet_out(base_run, pipe.unet, pipe.controlnet)
@@ -126,17 +132,19 @@ def test_kohya_export_loads_through_diffusers_kohya_path_like_the_peft_file(base
 
     frozen = frozen_controlnet(base_run)
     peft_pipe, kohya_pipe = pipeline(out, frozen), pipeline(out, frozen)
+    trained_kohya_pipe = pipeline(out, frozen)  # the kohya file training itself writes
     peft_pipe.load_lora_weights(str(out), adapter_name="slider")
     kohya_pipe.load_lora_weights(str(tmp_path), weight_name=kohya.name, adapter_name="slider")
+    trained_kohya_pipe.load_lora_weights(
+        str(out), weight_name="slider_kohya.safetensors", adapter_name="slider"
+    )
     for s in (1.0, -0.5):
-        set_slider_strength(peft_pipe, s)
-        set_slider_strength(kohya_pipe, s)
-        torch.testing.assert_close(
-            unet_out(base_run, kohya_pipe.unet, frozen),
-            unet_out(base_run, peft_pipe.unet, frozen),
-            rtol=0,
-            atol=1e-5,
-        )
+        for pipe in (peft_pipe, kohya_pipe, trained_kohya_pipe):
+            set_slider_strength(pipe, s)
+        expected = unet_out(base_run, peft_pipe.unet, frozen)
+        for pipe in (kohya_pipe, trained_kohya_pipe):
+            got = unet_out(base_run, pipe.unet, frozen)
+            torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
 
     # a baked strength: the file at 1 behaves like the slider at -0.5
     baked = export_slider(out, "kohya", strength=-0.5, output=tmp_path / "baked.safetensors")
@@ -250,6 +258,9 @@ def test_strength_helper_reaches_the_controlnet_where_per_call_scale_does_not(cn
     # the helper reaches it: strength 0 is exactly the plain ControlNet
     assert set_slider_strength(pipe, 0.0) == ["controlnet"]
     torch.testing.assert_close(_image(pipe), plain, rtol=0, atol=1e-6)
+    # the README's plain-diffusers line for the ControlNet does the same
+    pipe.controlnet.set_adapters(["slider"], [0.0])
+    torch.testing.assert_close(_image(pipe), plain, rtol=0, atol=1e-6)
     set_slider_strength(pipe, -1.0)  # negative strengths reach it too
     at_minus = _image(pipe)
     assert (at_minus - plain).abs().max() > 1e-4 and (at_minus - at_one).abs().max() > 1e-4
@@ -267,3 +278,36 @@ def test_export_formats_and_refusals(base_run, cn_run, tmp_path, capsys):
         export_slider(out, "merged-controlnet")
     assert main(["export", "--adapter", str(tmp_path / "nowhere"), "--format", "kohya"]) == 2
     assert "folder not found" in capsys.readouterr().err
+
+
+def test_lycoris_slider_loads_into_a_pipeline_and_rebuilds_from_its_file(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from slider_cn.validate import rebuild_run
+
+    lokr = Path(__file__).parents[1] / "configs" / "lycoris_config.json"
+    result = _train(tmp_path, lora_type="lycoris", lycoris_config=lokr)
+    out = result.output_dir
+    pipe = StableDiffusionPipeline.from_pretrained(str(out / "base"))
+    assert load_slider(pipe, out) == ["unet"]
+    rebuilt = rebuild_run(
+        load_config(out.parent / "config.json", {"lycoris_config": str(lokr)}), out
+    )
+    noisy, t, cond, _ = inputs(result)
+
+    @torch.no_grad()
+    def predict(denoiser):
+        components = dataclasses.replace(result.components, denoiser=denoiser)
+        return result.family.predict(components, noisy, t, cond)
+
+    for s in (-1.0, 0.5):
+        set_slider_strength(pipe, s)
+        with result.adapter.multiplier(s):
+            expected = predict(result.components.denoiser)
+        torch.testing.assert_close(predict(pipe.unet), expected, rtol=0, atol=1e-5)
+        with rebuilt.adapter.multiplier(s):
+            torch.testing.assert_close(
+                predict(rebuilt.components.denoiser), expected, rtol=0, atol=1e-5
+            )
+    with pytest.raises(ConfigError, match="LyCORIS slider"):
+        export_slider(out, "merged-controlnet")
