@@ -300,9 +300,16 @@ def _float_or_none(text: str | None) -> float | None:
 
 
 def rebuild_run(
-    config: TrainConfig, adapter_dir: str | Path, device: str | None = None
+    config: TrainConfig,
+    adapter_dir: str | Path,
+    device: str | None = None,
+    *,
+    check_conditioning: bool = False,
 ) -> RebuiltRun:
     """Rebuild a run's components and put its trained slider on them.
+
+    ``check_conditioning``: fail early when the run has a ControlNet and the config no
+    ``validation_conditioning_image``.
 
     The base is the run's ``base/`` folder (``tiny`` runs) or the config's model; the
     ControlNet the run's ``controlnet/`` folder (a fresh one) or the config's; the slider is
@@ -349,8 +356,14 @@ def rebuild_run(
             f"{where} is a LyCORIS slider: set lycoris_config to the run's lycoris_config.json"
         )
     run_config = config.model_copy(update=update)
-
     family = get_family(run_config)
+    if (
+        check_conditioning
+        and family.needs_controlnet()
+        and not config.validation_conditioning_image
+    ):
+        raise ConfigError(_NO_CONDITIONING)  # before any model is loaded
+
     components = family.load_components()
     assistant = None
     if run_config.assistant_lora_path:  # loaded before the slider, as in training
@@ -395,7 +408,7 @@ def validate_output(
 ) -> ValidationResult:
     """``slider-cn validate``: rebuild a finished run and validate it."""
     prompts = prompt_library(config)
-    run = rebuild_run(config, adapter_dir)
+    run = rebuild_run(config, adapter_dir, check_conditioning=True)
     folder = Path(output) if output else Path(adapter_dir) / "validation" / "final"
     return run_validation(
         run.family,
