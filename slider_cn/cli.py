@@ -192,7 +192,81 @@ def _run_preprocess(args: argparse.Namespace) -> int:
     return run(args)
 
 
-SUBCOMMANDS = (_add_train, _add_preprocess, _add_targets)
+# --- validate ----------------------------------------------------------------------------
+def _add_validate(subparsers) -> None:
+    p = subparsers.add_parser(
+        "validate",
+        allow_abbrev=False,
+        help="render the prompt library with a trained slider, with strength-sweep grids",
+        description="Rebuild a finished run (its base, ControlNet and slider), render each prompt "
+        "of the prompt library at its strength and as a strength sweep (same seed, strengths left "
+        "to right). Any config key can be overridden as --key value.",
+    )
+    p.add_argument("--config", required=True, help="the run's training config (JSON)")
+    p.add_argument("--adapter", required=True, help="the run's output folder")
+    p.add_argument(
+        "--strengths",
+        default="-1,-0.5,0,0.5,1",
+        help="comma-separated sweep strengths (default: -1,-0.5,0,0.5,1)",
+    )
+    p.add_argument(
+        "--seed", type=int, help="seed of every image (default: validation_seed, else seed)"
+    )
+    p.add_argument("--output", help="folder for the images (default: ADAPTER/validation/final)")
+    p.set_defaults(func=_run_validate, takes_overrides=True)
+
+
+def _run_validate(args: argparse.Namespace, overrides: dict[str, str | None]) -> int:
+    from slider_cn.validate import parse_strengths, validate_output
+
+    config = load_config(args.config, overrides)
+    strengths = parse_strengths(args.strengths)
+    result = validate_output(
+        config, args.adapter, strengths=strengths, seed=args.seed, output=args.output
+    )
+    for name, image in result.images.items():
+        print(f"{name}: {image}  sweep: {result.grids[name]}")
+    return 0
+
+
+# --- export ------------------------------------------------------------------------------
+def _add_export(subparsers) -> None:
+    p = subparsers.add_parser(
+        "export",
+        allow_abbrev=False,
+        help="write a trained slider as kohya, diffusers or a merged ControlNet",
+        description="kohya: base-side slider as kohya keys with the true alpha (ComfyUI, A1111). "
+        "diffusers: the PEFT/diffusers file. merged-controlnet: a ControlNet-side slider merged "
+        "into its ControlNet at --strength, saved with save_pretrained. A --strength other than 1 "
+        "is baked into the weights.",
+    )
+    p.add_argument("--adapter", required=True, help="the run's output folder")
+    p.add_argument("--format", required=True, choices=("kohya", "diffusers", "merged-controlnet"))
+    p.add_argument("--strength", type=float, default=1.0, help="strength to bake in (default 1)")
+    p.add_argument("--output", help="file (kohya, diffusers) or folder (merged-controlnet)")
+    p.add_argument(
+        "--controlnet",
+        help="merged-controlnet: the ControlNet the slider was trained on (default: the run's "
+        "controlnet/ folder, else the one recorded in its metadata)",
+    )
+    p.set_defaults(func=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from slider_cn.export import export_slider
+
+    path = export_slider(
+        args.adapter,
+        args.format,
+        strength=args.strength,
+        output=args.output,
+        controlnet=args.controlnet,
+    )
+    print(path)
+    return 0
+
+
+SUBCOMMANDS = (_add_train, _add_preprocess, _add_targets, _add_validate, _add_export)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -31,6 +31,18 @@ CONTROLNET_LORA_FILE = "controlnet_slider.safetensors"
 LYCORIS_FILE = "slider_lycoris.safetensors"
 
 
+# Metadata flag: the file's lora_B holds alpha/r and its adapter config says alpha = r.
+ALPHA_FOLDED = "slider_cn.alpha_folded"
+
+
+def fold_alpha(
+    state: dict[str, torch.Tensor], *, alpha: float, rank: int
+) -> dict[str, torch.Tensor]:
+    """LoRA weights with the scale alpha/r moved into lora_B, for loaders that assume alpha = r."""
+    scale = float(alpha) / float(rank)
+    return {k: v * scale if ".lora_B." in k else v for k, v in state.items()}
+
+
 def slider_metadata(config, family, targets, backends, steps: int, adapter) -> dict[str, str]:
     strengths = {b.id: b.slider_strength for b in backends if b.slider_strength}
     return {
@@ -129,13 +141,20 @@ def write_final_outputs(
             written["kohya"] = output_dir / KOHYA_FILE
         else:
             path = output_dir / CONTROLNET_LORA_FILE
+            # alpha/r folded into lora_B, lora_alpha = r: `load_lora_adapter(file_path,
+            # prefix=None)` does not read a file's adapter metadata (diffusers 0.42 reads it only
+            # with weight_name= or use_safetensors=True) and would take alpha = r, rescaling the
+            # slider by r/alpha. Folded, every way of loading gives the trained scale.
             save_file(
-                lora_state,
+                fold_alpha(lora_state, alpha=adapter.alpha, rank=adapter.rank),
                 str(path),
                 metadata={
                     "format": "pt",
-                    "lora_adapter_metadata": json.dumps(lora_config, sort_keys=True),
+                    "lora_adapter_metadata": json.dumps(
+                        {**lora_config, "lora_alpha": adapter.rank}, sort_keys=True
+                    ),
                     **metadata,
+                    ALPHA_FOLDED: "true",
                 },
             )
             written["controlnet_lora"] = path

@@ -21,7 +21,7 @@ from accelerate.utils import set_seed
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
-from slider_cn import checkpoints, outputs
+from slider_cn import checkpoints, outputs, validate
 from slider_cn.adapters import attach_slider_adapter, load_assistant_adapter
 from slider_cn.config import ConfigError, TrainConfig
 from slider_cn.data.backends import training_backends
@@ -117,6 +117,7 @@ def train(config: TrainConfig) -> TrainResult:
         raise ConfigError(
             f"report_to '{config.report_to}' needs the {config.report_to} package: pip install {config.report_to}"
         )
+    validation_prompts = validate.check_validation_config(config)  # fail before any work
 
     accelerator = Accelerator(
         gradient_accumulation_steps=config.gradient_accumulation_steps,
@@ -353,6 +354,22 @@ def train(config: TrainConfig) -> TrainResult:
                     accelerator.log({"loss": record["loss"], "lr": record["lr"]}, step=global_step)
                 if global_step % config.checkpointing_steps == 0 and global_step < max_steps:
                     save(global_step, epoch, boundary)
+                if (
+                    is_main
+                    and config.validation_steps
+                    and global_step % config.validation_steps == 0
+                ):
+                    folder = output_dir / "validation" / f"step-{global_step:06d}"
+                    validate.run_validation(
+                        family,
+                        components,
+                        adapter,
+                        config,
+                        folder,
+                        prompts=validation_prompts,
+                        assistant=assistant,
+                    )
+                    log.info("validation images at step %d: %s", global_step, folder)
                 if global_step >= max_steps:
                     break
     except KeyboardInterrupt:

@@ -168,6 +168,34 @@ class ModelFamily:
         """The clean latent implied by a prediction (used to measure the slider's effect)."""
         raise NotImplementedError
 
+    # --- validation (slider_cn/validate.py) ----------------------------------------------
+    def validation_pipeline(self, components: Components) -> Any:
+        """A diffusers inference pipeline over ``components``, for validation images.
+
+        The pipeline must hold the very module objects of ``components`` (no copies, no dtype
+        or device moves), so the slider and any assistant adapter on them are in it; with
+        ``components.controlnet`` set, use the family's ControlNet pipeline class with that
+        ControlNet. Build an inference scheduler from ``components.noise_scheduler.config``
+        rather than reuse (and mutate) the training noise scheduler. Do not call
+        ``set_adapters`` or pass LoRA scales: validate.py sets the slider's strength itself.
+        """
+        raise NotImplementedError(f"{self.name}: validation is not implemented")
+
+    def validation_call_kwargs(
+        self, prompt: str, conditioning_image: Any | None, config: TrainConfig
+    ) -> dict[str, Any]:
+        """Keyword arguments for one call of the validation pipeline, except the generator.
+
+        ``prompt``; ``height``/``width`` from ``config.resolution``; ``num_inference_steps`` from
+        ``validation_num_inference_steps``; the guidance scale from ``validation_guidance``
+        under the pipeline's own name; and, when ``conditioning_image`` (a PIL image) is given,
+        that image under the pipeline's own name (``image`` for SD/SDXL ControlNet pipelines,
+        ``control_image`` for others) plus ``controlnet_conditioning_scale``. Never a
+        ``cross_attention_kwargs`` / ``joint_attention_kwargs`` scale: it would scale every
+        adapter, the assistant included (DESIGN.md §8.2, §8.8).
+        """
+        raise NotImplementedError(f"{self.name}: validation is not implemented")
+
     def encoder_identity(self) -> str:
         """A string naming the model whose encoders produced a cache entry."""
         base = self.config.pretrained_model_name_or_path

@@ -9,8 +9,11 @@ import torch
 from diffusers import (
     AutoencoderKL,
     ControlNetModel,
+    DDIMScheduler,
     DDPMScheduler,
+    StableDiffusionControlNetPipeline,
     StableDiffusionPipeline,
+    StableDiffusionXLControlNetPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
@@ -88,6 +91,7 @@ class StableDiffusionFamily(ModelFamily):
     denoiser_class = "UNet2DConditionModel"
     controlnet_class = "ControlNetModel"
     pipeline_class: ClassVar[type] = StableDiffusionPipeline
+    controlnet_pipeline_class: ClassVar[type] = StableDiffusionControlNetPipeline
     text_encoder_subfolders: ClassVar[tuple[str, ...]] = ("text_encoder",)
     tokenizer_subfolders: ClassVar[tuple[str, ...]] = ("tokenizer",)
     text_encoder_classes: ClassVar[tuple[type, ...]] = (CLIPTextModel,)
@@ -189,7 +193,34 @@ class StableDiffusionFamily(ModelFamily):
         self.pipeline(components).save_pretrained(str(folder), safe_serialization=True)
 
     def pipeline(self, components: Components):
+        """The plain text-to-image pipeline over the components (no ControlNet)."""
+        return self.pipeline_class(**self._pipeline_parts(components))
+
+    def _pipeline_parts(self, components: Components) -> dict[str, Any]:
         raise NotImplementedError
+
+    # --- validation --------------------------------------------------------------------------
+    def validation_pipeline(self, components: Components):
+        parts = self._pipeline_parts(components)
+        # DDIM (eta 0) for inference: deterministic and good at few steps; the training
+        # scheduler's betas and prediction type carry over through its config.
+        parts["scheduler"] = DDIMScheduler.from_config(components.noise_scheduler.config)
+        if components.controlnet is None:
+            return self.pipeline_class(**parts)
+        return self.controlnet_pipeline_class(**parts, controlnet=components.controlnet)
+
+    def validation_call_kwargs(self, prompt, conditioning_image, config):
+        kwargs: dict[str, Any] = {
+            "prompt": prompt,
+            "height": config.resolution,
+            "width": config.resolution,
+            "num_inference_steps": config.validation_num_inference_steps,
+            "guidance_scale": config.validation_guidance,
+        }
+        if conditioning_image is not None:
+            kwargs["image"] = conditioning_image
+            kwargs["controlnet_conditioning_scale"] = config.controlnet_conditioning_scale
+        return kwargs
 
 
 class SD1xFamily(StableDiffusionFamily):
@@ -221,17 +252,17 @@ class SD1xFamily(StableDiffusionFamily):
         ids = self._tokenize(tokenizer, prompts).to(encoder.device)
         return {"encoder_hidden_states": encoder(ids)[0]}
 
-    def pipeline(self, components: Components):
-        return StableDiffusionPipeline(
-            vae=components.vae,
-            text_encoder=components.text_encoders[0],
-            tokenizer=components.tokenizers[0],
-            unet=components.denoiser,
-            scheduler=components.noise_scheduler,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
+    def _pipeline_parts(self, components: Components) -> dict[str, Any]:
+        return {
+            "vae": components.vae,
+            "text_encoder": components.text_encoders[0],
+            "tokenizer": components.tokenizers[0],
+            "unet": components.denoiser,
+            "scheduler": components.noise_scheduler,
+            "safety_checker": None,
+            "feature_extractor": None,
+            "requires_safety_checker": False,
+        }
 
 
 class SDXLFamily(StableDiffusionFamily):
@@ -240,6 +271,7 @@ class SDXLFamily(StableDiffusionFamily):
         "Stable Diffusion XL (UNet2DConditionModel with text_time embedding, two CLIP encoders)"
     )
     pipeline_class = StableDiffusionXLPipeline
+    controlnet_pipeline_class = StableDiffusionXLControlNetPipeline
     text_encoder_subfolders = ("text_encoder", "text_encoder_2")
     tokenizer_subfolders = ("tokenizer", "tokenizer_2")
     text_encoder_classes = (CLIPTextModel, CLIPTextModelWithProjection)
@@ -307,13 +339,15 @@ class SDXLFamily(StableDiffusionFamily):
             },
         }
 
-    def pipeline(self, components: Components):
-        return StableDiffusionXLPipeline(
-            vae=components.vae,
-            text_encoder=components.text_encoders[0],
-            text_encoder_2=components.text_encoders[1],
-            tokenizer=components.tokenizers[0],
-            tokenizer_2=components.tokenizers[1],
-            unet=components.denoiser,
-            scheduler=components.noise_scheduler,
-        )
+    def _pipeline_parts(self, components: Components) -> dict[str, Any]:
+        return {
+            "vae": components.vae,
+            "text_encoder": components.text_encoders[0],
+            "text_encoder_2": components.text_encoders[1],
+            "tokenizer": components.tokenizers[0],
+            "tokenizer_2": components.tokenizers[1],
+            "unet": components.denoiser,
+            "scheduler": components.noise_scheduler,
+            # no invisible watermark: validation images are compared tile by tile
+            "add_watermarker": False,
+        }
