@@ -116,12 +116,38 @@ def main(root: str = "demo_output") -> None:
     lora = _train(config, lora_overrides)
     cosine = _slider_effect(lora, load_config(config, lora_overrides))
 
+    validation = lora_dir / "validation" / "final"
+    _run(
+        [
+            "validate",
+            "--config",
+            str(config),
+            "--adapter",
+            str(lora_dir),
+            "--strengths=-1,-0.5,0,0.5,1",
+            "--output",
+            str(validation),
+            "--controlnet_model_name_or_path",
+            str(controlnet_dir / "controlnet"),
+            "--validation_prompt",
+            "a circle",
+            "--validation_conditioning_image",
+            str(root_path / "canny" / "plus" / "plus_000.png"),
+            "--validation_num_inference_steps",
+            "4",
+            "--resolution",
+            "64",
+        ]
+    )
+
     print("\nOutputs")
     print(f"  ControlNet-mode slider:  {controlnet_dir / 'controlnet_slider.safetensors'}")
     print(f"  its fresh ControlNet:    {controlnet_dir / 'controlnet'}")
     print(f"  LoRA-only slider:        {lora_dir / 'pytorch_lora_weights.safetensors'}")
     print(f"  kohya / ComfyUI file:    {lora_dir / 'slider_kohya.safetensors'}")
     print(f"  training log:            {lora_dir / 'train_log.jsonl'}")
+    for grid in sorted(validation.glob("*_sweep.png")):
+        print(f"  strength-sweep grid:     {grid}")
     print(
         f"slider effect (cosine of x0(+1) - x0(-1) with the positive-negative contrast): {cosine:+.3f}"
     )
