@@ -468,3 +468,14 @@ def test_two_process_cpu_run_shares_signs_and_splits_files(tmp_path):
     assert [r["sign"] for r in ranks[0]] == [r["sign"] for r in ranks[1]] == ["+", "-"]
     for a, b in zip(*ranks, strict=True):
         assert a["backend"] == b["backend"] and not set(a["files"]) & set(b["files"])
+
+
+def test_gradient_accumulation_counts_optimizer_steps(tmp_path):
+    config = make_config(tmp_path / "run", max_train_steps=2, gradient_accumulation_steps=2)
+    result = train(config)
+    lines = [
+        json.loads(line)
+        for line in (Path(config.output_dir) / "train_log.jsonl").read_text().splitlines()
+    ]
+    assert result.steps == 2
+    assert [line["step"] for line in lines] == [1, 1, 2, 2]  # two micro-batches per step
