@@ -101,6 +101,7 @@ class FlowMatchingFamily(ModelFamily):
     # The base pipeline and the ControlNet pipeline of the family (set by subclasses).
     pipeline_class: ClassVar[type]
     controlnet_pipeline_class: ClassVar[type]
+    controlnet_model_class: ClassVar[type]
     # Keyword prefix of the pipeline's save_lora_weights (``transformer_lora_layers``).
     lora_component: ClassVar[str] = "transformer"
     # kohya-format export exists only for UNet families: kohya names these transformers by

@@ -57,6 +57,7 @@ class FluxFamily(FlowMatchingFamily):
     controlnet_class = "FluxControlNetModel"
     pipeline_class = FluxPipeline
     controlnet_pipeline_class = FluxControlNetPipeline
+    controlnet_model_class = FluxControlNetModel
     max_sequence_length_default = 512  # FluxPipeline's default
 
     # --- building ------------------------------------------------------------------------

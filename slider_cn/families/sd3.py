@@ -70,6 +70,7 @@ class SD3Family(FlowMatchingFamily):
     controlnet_class = "SD3ControlNetModel"
     pipeline_class = StableDiffusion3Pipeline
     controlnet_pipeline_class = StableDiffusion3ControlNetPipeline
+    controlnet_model_class = SD3ControlNetModel
     max_sequence_length_default = 256  # StableDiffusion3Pipeline's default
 
     # --- building ------------------------------------------------------------------------

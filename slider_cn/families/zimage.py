@@ -68,6 +68,7 @@ class ZImageFamily(FlowMatchingFamily):
     controlnet_class = "ZImageControlNetModel"
     pipeline_class = ZImagePipeline
     controlnet_pipeline_class = ZImageControlNetPipeline
+    controlnet_model_class = ZImageControlNetModel
     max_sequence_length_default = 512  # ZImagePipeline's default
     max_sequence_length_tiny = 64  # the chat template alone is ~20 byte tokens
 
