@@ -59,6 +59,42 @@ def trained(tmp_path_factory):
     return run
 
 
+# --- building, encoding, reloading ----------------------------------------------------------
+@pytest.mark.parametrize("family_name", FAMILIES)
+def test_tiny_is_deterministic_and_its_encoders_tell_captions_apart(family_name):
+    first = get_family(TrainConfig(model_family=family_name, seed=3)).load_components()
+    again = get_family(TrainConfig(model_family=family_name, seed=3)).load_components()
+    for key, tensor in first.denoiser.state_dict().items():
+        assert torch.equal(tensor, again.denoiser.state_dict()[key]), key
+    family = get_family(TrainConfig(model_family=family_name, seed=3))
+    cond = family.encode_prompts(first, ["a large circle", "a small circle"])
+    assert all(v.shape[0] == 2 for v in cond.values())
+    assert not torch.allclose(cond["prompt_embeds"][0], cond["prompt_embeds"][1])
+    latents = family.encode_images(first, torch.rand(2, 3, 64, 64) * 2 - 1)
+    assert latents.shape == (2, 4, 8, 8)
+
+
+@pytest.mark.parametrize("family_name", FAMILIES)
+def test_saved_tiny_reloads_from_its_diffusers_folder(tmp_path, family_name):
+    family = get_family(TrainConfig(model_family=family_name))
+    components = family.load_components()
+    family.save_pretrained(components, tmp_path / "base")
+    reloaded_family = get_family(
+        TrainConfig(model_family=family_name, pretrained_model_name_or_path=str(tmp_path / "base"))
+    )
+    reloaded = reloaded_family.load_components()
+    assert type(reloaded.denoiser) is type(components.denoiser)
+    # a folder is a real model: prompts are encoded at the pipeline's default length
+    assert reloaded_family.max_sequence_length == family.max_sequence_length_default
+    # (T5 sees its padding, so both encode at the tiny length to compare the encoders)
+    a = family.encode_prompts(components, [PROMPT])
+    b = family.encode_prompts(reloaded, [PROMPT])
+    for key in a:
+        torch.testing.assert_close(a[key], b[key])
+    for key, tensor in components.denoiser.state_dict().items():
+        assert torch.equal(tensor, reloaded.denoiser.state_dict()[key]), key
+
+
 # --- the objective -------------------------------------------------------------------------
 @pytest.mark.parametrize("family_name", FAMILIES)
 def test_velocity_target_and_clean_estimate_invert_the_noising(family_name):
@@ -451,6 +487,10 @@ def test_validation_pipeline_renders_with_the_validation_call(trained, family, m
     config, result, root = trained(family, mode)
     pipe = result.family.validation_pipeline(result.components)
     pipe.set_progress_bar_config(disable=True)
+    # the very trained modules, and a scheduler of its own (pipelines mutate theirs)
+    assert pipe.transformer is result.components.denoiser
+    assert pipe.scheduler is not result.components.noise_scheduler
+    assert dict(pipe.scheduler.config) == dict(result.components.noise_scheduler.config)
     control = None
     if mode == "controlnet":
         assert type(pipe) is result.family.controlnet_pipeline_class
@@ -459,6 +499,35 @@ def test_validation_pipeline_renders_with_the_validation_call(trained, family, m
     kwargs.update(num_inference_steps=2, generator=torch.Generator().manual_seed(0))
     image = pipe(**kwargs).images[0]
     assert image.size == (64, 64)
+
+
+# --- example configs ----------------------------------------------------------------------
+CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.json"))
+EXAMPLES = [c for c in CONFIGS if c.name.split("-")[0] in FAMILIES]
+
+
+def test_every_flow_family_and_mode_has_an_example_config():
+    seen = {
+        (json.loads(c.read_text())["model_family"], json.loads(c.read_text())["training_mode"])
+        for c in EXAMPLES
+    }
+    assert seen == {(f, m) for f in FAMILIES for m in MODES}
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_example_configs_pass_a_dry_run_on_tiny(tmp_path, capsys, path):
+    """Each example config is valid as written; with `tiny` and the demo data in place of the
+    hub models and a real dataset it passes `train --dry-run` (components built)."""
+    from slider_cn.cli import main
+
+    paths = write_demo_dataset(tmp_path, images_per_group=2, resolution=64, conditioning="folders")
+    args = ["train", "--config", str(path), "--dry-run"]
+    args += ["--pretrained_model_name_or_path", "tiny", "--controlnet_model_name_or_path", "none"]
+    args += ["--data_backend_config", str(paths["dataloader"]), "--resolution", "64"]
+    args += ["--output_dir", str(tmp_path / "out")]
+    assert main(args) == 0
+    resolved = json.loads(capsys.readouterr().out)
+    assert resolved["model_family"] == path.name.split("-")[0]
 
 
 # --- errors --------------------------------------------------------------------------------

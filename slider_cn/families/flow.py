@@ -27,6 +27,7 @@ VAE inside ``controlnet_residuals`` (these ControlNets take latents, not pixels)
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -243,13 +244,25 @@ class FlowMatchingFamily(ModelFamily):
         self.pipeline(components).save_pretrained(str(folder), safe_serialization=True)
 
     def validation_pipeline(self, components: Components):
-        """The pipeline validation renders with: the ControlNet one when a ControlNet is loaded."""
+        """The pipeline validation renders with: the ControlNet one when a ControlNet is loaded.
+
+        It holds the very modules of ``components`` (slider and assistant included) and its
+        own scheduler built from the training one's config (pipelines mutate theirs).
+        """
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(components.noise_scheduler.config)
+        view = dataclasses.replace(components, noise_scheduler=scheduler)
         if components.controlnet is not None:
-            return self.controlnet_pipeline(components)
-        return self.pipeline(components)
+            return self.controlnet_pipeline(view)
+        return self.pipeline(view)
 
     def validation_call_kwargs(self, prompt: str, conditioning_image: Any, config) -> dict:
-        """Keyword arguments of one validation call of ``validation_pipeline``."""
+        """Keyword arguments of one validation call of ``validation_pipeline`` (no generator).
+
+        Prompts are encoded at the length training used; the guidance scale is the pipeline's
+        ``guidance_scale`` (CFG for SD3 and Z-Image, the distilled guidance input for Flux dev).
+        """
         kwargs: dict[str, Any] = {
             "prompt": prompt,
             "height": config.resolution,

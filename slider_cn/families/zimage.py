@@ -21,6 +21,7 @@ the training loop, and validation switches it off by default
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -43,6 +44,8 @@ from slider_cn.families.flow import (
 )
 from slider_cn.families.flux import FLUX_VAE_SCALING, FLUX_VAE_SHIFT
 from slider_cn.families.tiny_tokenizer import build_tiny_qwen_tokenizer
+
+log = logging.getLogger(__name__)
 
 # Z-Image-Turbo-Fun-ControlNet's layout: a control block at every fifth transformer layer.
 CONTROL_LAYER_EVERY = 5
@@ -110,6 +113,13 @@ class ZImageFamily(FlowMatchingFamily):
         return Components(transformer, vae, [text_encoder], [tokenizer], scheduler)
 
     def load_pretrained(self, path: str) -> Components:
+        if "turbo" in path.lower() and not self.config.assistant_lora_path:
+            # Training a distilled model without its training adapter erodes the distillation.
+            log.warning(
+                "%s looks like Z-Image Turbo but no assistant_lora_path is set: train Turbo "
+                "with its training adapter loaded as the assistant",
+                path,
+            )
         pipe = load_pipeline(ZImagePipeline, path, self.load_dtype, "Z-Image pipeline")
         return Components(
             pipe.transformer, pipe.vae, [pipe.text_encoder], [pipe.tokenizer], pipe.scheduler
