@@ -145,6 +145,9 @@ def test_sigma_sampling_follows_the_scheduler_shift_and_the_options():
     # a static shift forced on Flux replaces the dynamic one
     forced = _sigmas("flux", flow_use_uniform_schedule=True, flow_schedule_shift=3.0)
     assert abs(forced.median().item() - 0.75) < 0.02
+    # and the resolution-dependent shift can be asked of a static-shift scheduler
+    auto = _sigmas("sd3", flow_use_uniform_schedule=True, flow_schedule_auto_shift=True)
+    assert abs(auto.median().item() - expected_median.item()) < 0.02
 
 
 def test_loss_weighting_schemes():
