@@ -327,6 +327,52 @@ def test_zimage_lora_mode_with_a_frozen_controlnet_reproduces_the_pipeline(tmp_p
     _check_reproduction(config, result, tmp_path / "run", "lora", controlnet_path=folder)
 
 
+@pytest.mark.parametrize("family_name,mode", [("flux", "lora"), ("zimage", "controlnet")])
+def test_lycoris_sliders_train_on_flow_families(tmp_path, family_name, mode):
+    lycoris = tmp_path / "lokr.json"
+    lycoris.write_text(
+        json.dumps({"algo": "lokr", "linear_dim": 4, "linear_alpha": 1, "factor": 4})
+    )
+    config = make_config(
+        tmp_path / "run",
+        family_name,
+        training_mode=mode,
+        slider_lora_target="true",
+        lora_type="lycoris",
+        lycoris_config=lycoris,
+    )
+    result = train(config)
+    out = Path(config.output_dir)
+    assert all(torch.isfinite(torch.tensor(losses(out))))
+    with safe_open(str(out / "slider_lycoris.safetensors"), framework="pt") as handle:
+        assert handle.metadata()["slider_cn.family"] == family_name
+        assert len(list(handle.keys())) > 0
+    if family_name == "zimage":  # never the modules the ControlNet shares with the transformer
+        assert all(n.startswith("control_") for n in result.adapter.target_names)
+
+
+def test_flow_run_resumes_exactly(tmp_path):
+    """Noise levels are drawn from the run's own generator, so a resumed run continues the
+    uninterrupted one's losses."""
+    full = make_config(tmp_path / "full", "flux", max_train_steps=6, checkpointing_steps=3)
+    train(full)
+    part = make_config(tmp_path / "part", "flux", max_train_steps=3, checkpointing_steps=3)
+    train(part)
+    resumed = load_config(
+        Path(part.data_backend_config).parent / "config.json",
+        {
+            "model_family": "flux",
+            "learning_rate": "1e-2",
+            "max_train_steps": "6",
+            "checkpointing_steps": "3",
+            "resume_from_checkpoint": "latest",
+            "output_dir": part.output_dir,
+        },
+    )
+    train(resumed)
+    assert losses(part.output_dir) == pytest.approx(losses(full.output_dir), rel=1e-5, abs=1e-7)
+
+
 # --- fresh ControlNets learn --------------------------------------------------------------
 @pytest.mark.parametrize("family_name", FAMILIES)
 def test_fresh_controlnet_gradients_reach_the_trainable_parameters(tmp_path, family_name):
