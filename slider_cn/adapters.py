@@ -74,7 +74,10 @@ def _activate_all_adapters(model: nn.Module) -> None:
     if not names:
         return
     for layer in _tuner_layers(model):
-        layer.set_adapter(names)
+        # A layer may also carry adapters of another model that shares it (Z-Image's ControlNet
+        # runs the transformer's refiners, with the transformer's assistant): keep those too.
+        own = [n for n in layer._all_available_adapter_names() if n not in names]
+        layer.set_adapter([*names, *own])
         for name in layer._all_available_adapter_names():
             for param in _adapter_parameters(layer, name):
                 param.requires_grad_(name == SLIDER_ADAPTER)
@@ -225,7 +228,17 @@ class PeftSliderAdapter(SliderAdapter):
     def state_dict(self) -> dict[str, torch.Tensor]:
         from peft import get_peft_model_state_dict
 
-        return get_peft_model_state_dict(self.model, adapter_name=SLIDER_ADAPTER)
+        # PEFT drops only the adapters named in this model's peft_config; layers shared with
+        # another model (Z-Image's ControlNet runs the transformer's refiners) may also carry
+        # that model's adapters, e.g. its assistant. Keep the slider's keys alone.
+        others = {
+            name
+            for layer in _tuner_layers(self.model)
+            for name in layer._all_available_adapter_names()
+            if name != SLIDER_ADAPTER
+        }
+        state = get_peft_model_state_dict(self.model, adapter_name=SLIDER_ADAPTER)
+        return {k: v for k, v in state.items() if not any(f".{n}." in k for n in others)}
 
     def load_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
         from peft import set_peft_model_state_dict

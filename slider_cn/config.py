@@ -47,7 +47,10 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     # --- model -------------------------------------------------------------------------
-    model_family: str = Field("sd1x", description="Model family: `sd1x` (SD 1.x/2.x) or `sdxl`.")
+    model_family: str = Field(
+        "sd1x",
+        description="Model family: `sd1x` (SD 1.x/2.x), `sdxl`, `sd3` (SD3/3.5), `flux` (Flux.1) or `zimage` (Z-Image / Turbo).",
+    )
     pretrained_model_name_or_path: str = Field(
         "tiny",
         description="Diffusers folder or hub id of the base model; `tiny` builds a small random model offline.",
@@ -101,6 +104,35 @@ class TrainConfig(BaseModel):
     )
     assistant_lora_inference_strength: float = Field(
         0.0, description="Strength of the assistant adapter during validation."
+    )
+
+    # --- flow matching (sd3, flux, zimage) ----------------------------------------------
+    flow_use_uniform_schedule: bool = Field(
+        False,
+        description="Flow-matching families: draw noise levels uniformly instead of logit-normal.",
+    )
+    flow_sigmoid_scale: float = Field(
+        1.0,
+        gt=0.0,
+        description="Flow-matching families: scale of the normal draw under the sigmoid (logit-normal spread).",
+    )
+    flow_schedule_shift: float | None = Field(
+        None,
+        gt=0.0,
+        description="Flow-matching families: a static shift of the noise levels; unset uses the scheduler's own (static or resolution-dependent).",
+    )
+    flow_schedule_auto_shift: bool = Field(
+        False,
+        description="Flow-matching families: shift the noise levels by resolution, as Flux's scheduler does.",
+    )
+    flow_loss_weighting: Literal["none", "sigma_sqrt", "cosmap"] = Field(
+        "none",
+        description="Flow-matching families: per-noise-level loss weights (diffusers' SD3 schemes); `none` is plain MSE.",
+    )
+    flux_guidance_value: float = Field(
+        1.0,
+        ge=0.0,
+        description="Flux with a guidance embedding (dev): the guidance value fed to it during training.",
     )
 
     # --- data ----------------------------------------------------------------------------

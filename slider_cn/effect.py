@@ -33,12 +33,11 @@ def slider_effect_cosine(
     """
     generator = torch.Generator().manual_seed(seed)
     direction = (positive.float().mean(0) - negative.float().mean(0)).flatten()
-    scheduler = components.noise_scheduler
     timesteps = torch.full((start.shape[0],), timestep, dtype=torch.long, device=start.device)
     total = torch.zeros_like(direction)
     for _ in range(draws):
         noise = torch.randn(start.shape, generator=generator).to(start)
-        noisy = scheduler.add_noise(start, noise, timesteps)
+        noisy = family.noise_latents(components, start, noise, timesteps)
         estimates = []
         for strength in (1.0, -1.0):
             with adapter.multiplier(strength):

@@ -120,25 +120,32 @@ def write_final_outputs(
             ).to_dict()
         )
         if side == "denoiser":
+            # unet_lora_layers for UNet families, transformer_lora_layers for transformers
+            component = family.lora_component
             family.pipeline_class.save_lora_weights(
                 str(output_dir),
-                unet_lora_layers=lora_state,
-                unet_lora_adapter_metadata=lora_config,
+                **{
+                    f"{component}_lora_layers": lora_state,
+                    f"{component}_lora_adapter_metadata": lora_config,
+                },
                 weight_name=BASE_LORA_FILE,
             )
             add_metadata(output_dir / BASE_LORA_FILE, metadata)
             written["diffusers"] = output_dir / BASE_LORA_FILE
-            kohya = export.peft_to_kohya(lora_state, alpha=adapter.alpha, prefix="lora_unet")
-            save_file(
-                kohya,
-                str(output_dir / KOHYA_FILE),
-                metadata={
-                    **metadata,
-                    "ss_network_alpha": str(adapter.alpha),
-                    "ss_network_dim": str(adapter.rank),
-                },
-            )
-            written["kohya"] = output_dir / KOHYA_FILE
+            if family.kohya_prefix is not None:  # UNet families only
+                kohya = export.peft_to_kohya(
+                    lora_state, alpha=adapter.alpha, prefix=family.kohya_prefix
+                )
+                save_file(
+                    kohya,
+                    str(output_dir / KOHYA_FILE),
+                    metadata={
+                        **metadata,
+                        "ss_network_alpha": str(adapter.alpha),
+                        "ss_network_dim": str(adapter.rank),
+                    },
+                )
+                written["kohya"] = output_dir / KOHYA_FILE
         else:
             path = output_dir / CONTROLNET_LORA_FILE
             # alpha/r folded into lora_B, lora_alpha = r: `load_lora_adapter(file_path,

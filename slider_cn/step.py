@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from slider_cn.families.base import Components, ModelFamily
 
@@ -121,7 +120,7 @@ class SliderStep:
 
         with self.adapter.multiplier(strength):
             prediction = self._forward(inputs, noisy, timesteps, frozen_residuals)
-            loss = F.mse_loss(prediction.float(), target.float())
+            loss = family.loss(components, prediction, target, timesteps)
             if backward is not None:
                 backward(loss)
         return StepResult(loss=loss.detach(), strength=strength)

@@ -70,7 +70,7 @@ def test_list_families(capsys):
     for name in ("sd1x", "sdxl", "zimage", "kandinsky5", "stable_cascade"):
         assert name in out
     data = run_json(capsys, "--list-families")
-    assert [f["family"] for f in data["families"]] == ["sd1x", "sdxl"]
+    assert [f["family"] for f in data["families"]] == ["flux", "sd1x", "sd3", "sdxl", "zimage"]
     assert {a["architecture"] for a in data["architectures"]} == set(ARCHITECTURES)
 
 

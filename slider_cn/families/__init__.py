@@ -16,6 +16,9 @@ if TYPE_CHECKING:
 FAMILIES: dict[str, str] = {
     "sd1x": "slider_cn.families.sd:SD1xFamily",
     "sdxl": "slider_cn.families.sd:SDXLFamily",
+    "sd3": "slider_cn.families.sd3:SD3Family",
+    "flux": "slider_cn.families.flux:FluxFamily",
+    "zimage": "slider_cn.families.zimage:ZImageFamily",
 }
 
 

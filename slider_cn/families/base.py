@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 
 if TYPE_CHECKING:
     from slider_cn.config import TrainConfig
@@ -57,6 +58,10 @@ class ModelFamily:
     # diffusers class names, for messages and for the targets registry
     denoiser_class: ClassVar[str] = ""
     controlnet_class: ClassVar[str | None] = None
+    # Keyword prefix of the pipeline's save_lora_weights (``unet_lora_layers``) and the kohya
+    # key prefix; None means the family has no kohya-format export.
+    lora_component: ClassVar[str] = "unet"
+    kohya_prefix: ClassVar[str | None] = "lora_unet"
 
     def __init__(self, config: TrainConfig):
         self.config = config
@@ -124,6 +129,26 @@ class ModelFamily:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Draw noise and timesteps from ``generator``; return (noisy latents, noise, timesteps)."""
         raise NotImplementedError
+
+    def noise_latents(
+        self,
+        components: Components,
+        latents: torch.Tensor,
+        noise: torch.Tensor,
+        timesteps: torch.Tensor,
+    ) -> torch.Tensor:
+        """Clean latents noised to ``timesteps`` with the given noise (the forward process)."""
+        return components.noise_scheduler.add_noise(latents, noise, timesteps)
+
+    def loss(
+        self,
+        components: Components,
+        prediction: torch.Tensor,
+        target: torch.Tensor,
+        timesteps: torch.Tensor,
+    ) -> torch.Tensor:
+        """The denoising loss of one forward; families with loss weighting override it."""
+        return F.mse_loss(prediction.float(), target.float())
 
     def training_target(
         self,
