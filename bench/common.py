@@ -67,8 +67,7 @@ SD15_UNET = {
 # The CPU benchmark's UNet: SD1.5's layout (three cross-attention levels, one plain, two
 # layers per block, 8 heads) at 1/10 of its width, and the tiny text encoder's 32-dim context.
 # 8.5M parameters, 100 slider targets (as SD1.5); at 128 px (16x16 latents) a step takes about
-# 0.2 s on one core,
-# large enough that the compute is real and small enough that per-step Python overhead shows.
+# 0.2 s on one core: the compute is real, and per-step Python overhead still shows.
 MEDIUM_UNET = {
     **SD15_UNET,
     "block_out_channels": [32, 64, 128, 128],
