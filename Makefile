@@ -24,6 +24,13 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# CPU benchmarks against plain diffusers + peft / controlnet-aux loops (a few minutes);
+# bench/gpu.sh is the GPU one.
+bench: $(STAMP)
+	$(BIN)/python bench/train_step.py
+	$(BIN)/python bench/cache.py
+	$(BIN)/python bench/preprocess.py
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 

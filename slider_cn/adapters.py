@@ -151,6 +151,17 @@ class SliderAdapter:
             self._restore_scales(saved)
             self._multiplier = previous
 
+    @contextlib.contextmanager
+    def switched_off(self) -> Iterator[SliderAdapter]:
+        """Run a block as if the slider were absent: multiplier 0, and where the adapter
+        library allows, its layers not computed at all (the frozen-base prediction of a
+        neutral `preserve` step then costs what a forward without the slider costs)."""
+        with self.multiplier(0.0), self._skipped():
+            yield self
+
+    def _skipped(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
     def _apply_multiplier(self, s: float) -> None:
         raise NotImplementedError
 
@@ -221,6 +232,25 @@ class PeftSliderAdapter(SliderAdapter):
     def _restore_scales(self, saved: list[float]) -> None:
         for layer, value in zip(self.layers, saved, strict=True):
             layer.scaling[SLIDER_ADAPTER] = value
+
+    @contextlib.contextmanager
+    def _skipped(self) -> Iterator[None]:
+        # A PEFT layer with adapters disabled runs only its base layer. Only layers where the
+        # slider is the sole adapter are switched: an assistant on the same layer must keep
+        # running (there the multiplier 0 alone takes the slider out). The flag is PEFT's
+        # own, and requires_grad is left alone (PEFT's enable_adapters would change it).
+        alone = [
+            layer
+            for layer in self.layers
+            if not layer._disable_adapters and set(layer.lora_A) == {SLIDER_ADAPTER}
+        ]
+        try:
+            for layer in alone:
+                layer._disable_adapters = True
+            yield
+        finally:
+            for layer in alone:
+                layer._disable_adapters = False
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for layer in self.layers for p in _adapter_parameters(layer, SLIDER_ADAPTER)]

@@ -111,7 +111,7 @@ class SliderStep:
             # Pull the slider toward "no change" on neutral content at either end of its range.
             flip = torch.randint(0, 2, (1,), generator=generator).item()
             strength = self.max_strength if flip else -self.max_strength
-            with torch.no_grad(), self.adapter.multiplier(0.0):
+            with torch.no_grad(), self.adapter.switched_off():
                 target = self._forward(inputs, noisy, timesteps, frozen_residuals)
         elif inputs.sign == "0":
             strength = 1.0

@@ -26,7 +26,7 @@ from slider_cn.adapters import attach_slider_adapter, load_assistant_adapter
 from slider_cn.config import ConfigError, TrainConfig
 from slider_cn.data.backends import training_backends
 from slider_cn.data.cache import EncodedCache
-from slider_cn.data.loading import load_batch
+from slider_cn.data.loading import prefetch_batches
 from slider_cn.data.sampler import SliderSampler
 from slider_cn.families import get_family
 from slider_cn.step import SliderStep, StepInputs
@@ -295,9 +295,9 @@ def train(config: TrainConfig) -> TrainResult:
             if global_step >= max_steps:
                 break
             sampler.set_epoch(epoch)
-            for plan in sampler:
-                # Pixels are read only for latents missing from the cache.
-                batch = load_batch(plan, pixels=False)
+            # Pixels are read only for latents missing from the cache; the next batch's files
+            # are read while this one trains (checkpoints take the position from `plan`).
+            for plan, batch in prefetch_batches(sampler, pixels=False):
                 inputs = StepInputs(
                     latents=cache.latents(batch).to(weight_dtype),
                     cond={k: v.to(weight_dtype) for k, v in cache.text(batch.captions).items()},

@@ -345,3 +345,58 @@ def test_backward_reaches_the_slider_and_not_the_assistant(assistant_files, lora
     assert all(p.grad is None for p in assistant.parameters())
     base = [p for n, p in model.named_parameters() if "lora_" not in n]
     assert all(p.grad is None for p in base)
+
+
+def test_switched_off_skips_slider_layers_keeps_the_assistant_and_restores(assistant_files):
+    """The preserve step's frozen-base forward: the same output as multiplier 0, but layers
+    that carry only the slider do not compute it; layers shared with an assistant do."""
+    model = unet_sd1x().eval()
+    assistant = load_assistant_adapter(model, assistant_files["diffusers"], STRENGTH)
+    slider = with_slider(model)
+    ran: list[int] = []
+    for layer in slider.layers:
+        layer.lora_A[SLIDER_ADAPTER].register_forward_hook(lambda m, *_: ran.append(id(m)))
+    shared = {
+        id(layer.lora_A[SLIDER_ADAPTER])
+        for layer in slider.layers
+        if ASSISTANT_ADAPTER in layer.lora_A
+    }
+    assert 0 < len(shared) < len(slider.layers)
+    trainable = [p.requires_grad for p in model.parameters()]
+    with slider.multiplier(0.0):
+        expected = run(model)
+    assert len(ran) == len(slider.layers)  # multiplier 0 alone still computes every layer
+
+    ran.clear()
+    slider.set_multiplier(0.5)
+    with slider.switched_off():
+        assert slider.get_multiplier() == 0.0
+        out = run(model)
+    assert set(ran) == shared
+    assert torch.equal(out, expected)
+    assistant_only = unet_sd1x().eval()
+    load_assistant_adapter(assistant_only, assistant_files["diffusers"], STRENGTH)
+    assert torch.equal(out, run(assistant_only))
+    assert assistant.strength == STRENGTH
+
+    # Everything comes back, also when the block fails; gradients still reach the slider.
+    with pytest.raises(RuntimeError), slider.switched_off():
+        raise RuntimeError("inside")
+    assert slider.get_multiplier() == 0.5
+    assert not any(layer._disable_adapters for layer in slider.layers)
+    assert [p.requires_grad for p in model.parameters()] == trainable
+    model(**unet_inputs()).sample.square().mean().backward()
+    assert all(p.grad is not None for p in slider.trainable_parameters())
+
+
+def test_switched_off_without_assistant_is_the_base_model(assistant_files):
+    model = unet_sd1x().eval()
+    slider = with_slider(model)
+    ran: list[int] = []
+    for layer in slider.layers:
+        layer.lora_A[SLIDER_ADAPTER].register_forward_hook(lambda m, *_: ran.append(1))
+    with slider.switched_off():
+        out = run(model)
+    assert not ran
+    assert torch.equal(out, assistant_files["base"])
+    assert not torch.equal(run(model), out)

@@ -136,3 +136,66 @@ def test_load_without_pixels_keeps_captions_and_conditioning(tmp_path):
     batch = load_batch(plan, pixels=False)
     assert batch.pixels is None and batch.conditioning_pixels is None
     assert batch.captions == ["a cat"]
+
+
+def _numbered_images(tmp_path, count: int, bad: int | None = None):
+    (tmp_path / "img").mkdir()
+    for i in range(count):
+        Image.new("RGB", (32, 32), (10 * i, 0, 0)).save(tmp_path / f"img/{i:02d}.png")
+    if bad is not None:
+        (tmp_path / f"img/{bad:02d}.png").write_bytes(b"not a png")
+    config = write_config(tmp_path, [{"id": "img", "instance_data_dir": "img"}])
+    return SliderSampler(build_backends(config), 1, seed=0)
+
+
+def test_prefetch_gives_what_load_batch_gives_reading_one_ahead(tmp_path, monkeypatch):
+    import threading
+
+    from slider_cn.data import loading
+
+    sampler = _numbered_images(tmp_path, 5)
+    expected = [(plan, load_batch(plan)) for plan in sampler]
+    sampler.set_epoch(1)
+    sampler.set_epoch(0)  # back to the start of epoch 0
+
+    started: dict[int, threading.Event] = {i: threading.Event() for i in range(5)}
+    threads = set()
+
+    def recording_load(plan, **kwargs):
+        threads.add(threading.current_thread().name)
+        started[plan.index].set()
+        return load_batch(plan, **kwargs)
+
+    monkeypatch.setattr(loading, "load_batch", recording_load)
+    got = []
+    for plan, batch in loading.prefetch_batches(sampler):
+        # While this batch is in use, the next one is already being read.
+        if plan.index + 1 < 5:
+            assert started[plan.index + 1].wait(timeout=10)
+        got.append((plan, batch))
+    assert [p for p, _ in got] == [p for p, _ in expected]
+    for (_, batch), (_, want) in zip(got, expected, strict=True):
+        assert torch.equal(batch.pixels, want.pixels) and batch.captions == want.captions
+    assert threads and all(name.startswith("slider-cn-load") for name in threads)
+    assert sampler.state_dict()["index"] == len(sampler)
+
+
+def test_prefetch_raises_in_order_and_stops_its_thread(tmp_path):
+    import threading
+
+    from slider_cn.data.loading import prefetch_batches
+
+    sampler = _numbered_images(tmp_path, 4, bad=2)
+    order = [plan.samples[0].path.name for plan in sampler]
+    sampler.set_epoch(1)
+    sampler.set_epoch(0)
+    seen = []
+    with pytest.raises(ConfigError, match=r"cannot read image .*02\.png"):
+        for plan, _ in prefetch_batches(sampler):
+            seen.append(plan.samples[0].path.name)
+    assert seen == order[: order.index("02.png")]
+
+    batches = prefetch_batches(SliderSampler(sampler.backends, 1, seed=5), pixels=False)
+    next(batches)
+    batches.close()  # an early break: the reader thread ends with it
+    assert not any(t.name.startswith("slider-cn-load") for t in threading.enumerate())

@@ -170,6 +170,11 @@ class StableDiffusionFamily(ModelFamily):
             return_dict=False,
             **self._unet_kwargs(cond, noisy),
         )
+        # A trained ControlNet is accelerate-prepared, and under mixed precision accelerate
+        # returns its outputs in fp32: give them to the UNet in its own dtype (an fp32 residual
+        # in a bf16 UNet makes fp32 activations, and on a CPU group_norm then fails).
+        down = [residual.to(noisy.dtype) for residual in down]
+        mid = mid.to(noisy.dtype)
         return {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
 
     def predict(self, components, noisy, timesteps, cond, residuals=None):
