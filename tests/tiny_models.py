@@ -25,43 +25,16 @@ def _seeded(build: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
 
 @_seeded
 def unet_sd1x() -> nn.Module:
-    from diffusers import UNet2DConditionModel
+    from slider_cn.families.sd import tiny_sd1x_unet
 
-    return UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        norm_num_groups=8,
-    )
+    return tiny_sd1x_unet()
 
 
 @_seeded
 def unet_sdxl() -> nn.Module:
-    from diffusers import UNet2DConditionModel
+    from slider_cn.families.sd import tiny_sdxl_unet
 
-    return UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        attention_head_dim=(2, 4),
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=8,
-        transformer_layers_per_block=(1, 2),
-        projection_class_embeddings_input_dim=6 * 8 + 32,
-        cross_attention_dim=64,
-        norm_num_groups=8,
-    )
+    return tiny_sdxl_unet()
 
 
 @_seeded

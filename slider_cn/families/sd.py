@@ -44,6 +44,44 @@ def _tiny_vae(scaling_factor: float) -> AutoencoderKL:
     )
 
 
+def tiny_sd1x_unet() -> UNet2DConditionModel:
+    """The `tiny` SD1.x UNet: the real class, two levels, 32/64 channels."""
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+
+
+def tiny_sdxl_unet() -> UNet2DConditionModel:
+    """The `tiny` SDXL UNet: text_time micro-conditioning, two text encoders' width."""
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2),
+        # six micro-conditioning values of 8 dims each, plus the pooled text embedding
+        projection_class_embeddings_input_dim=6 * 8 + 32,
+        cross_attention_dim=64,
+        norm_num_groups=8,
+    )
+
+
 def _tiny_text_config(tokenizer, **extra: Any) -> CLIPTextConfig:
     return CLIPTextConfig(
         vocab_size=len(tokenizer),
@@ -237,18 +275,7 @@ class SD1xFamily(StableDiffusionFamily):
         with seeded(seed):
             text_encoder = CLIPTextModel(_tiny_text_config(tokenizer))
             vae = _tiny_vae(scaling_factor=0.18215)
-            unet = UNet2DConditionModel(
-                sample_size=8,
-                in_channels=4,
-                out_channels=4,
-                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-                block_out_channels=(32, 64),
-                layers_per_block=1,
-                cross_attention_dim=32,
-                attention_head_dim=8,
-                norm_num_groups=8,
-            )
+            unet = tiny_sd1x_unet()
         return Components(unet, vae, [text_encoder], [tokenizer], _sd_noise_scheduler())
 
     @torch.no_grad()
@@ -289,24 +316,7 @@ class SDXLFamily(StableDiffusionFamily):
                 _tiny_text_config(tokenizers[1], projection_dim=32)
             )
             vae = _tiny_vae(scaling_factor=0.13025)
-            unet = UNet2DConditionModel(
-                sample_size=8,
-                in_channels=4,
-                out_channels=4,
-                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-                block_out_channels=(32, 64),
-                layers_per_block=1,
-                attention_head_dim=(2, 4),
-                use_linear_projection=True,
-                addition_embed_type="text_time",
-                addition_time_embed_dim=8,
-                transformer_layers_per_block=(1, 2),
-                # six micro-conditioning values of 8 dims each, plus the pooled text embedding
-                projection_class_embeddings_input_dim=6 * 8 + 32,
-                cross_attention_dim=64,
-                norm_num_groups=8,
-            )
+            unet = tiny_sdxl_unet()
         return Components(unet, vae, [encoder_1, encoder_2], tokenizers, _sd_noise_scheduler())
 
     @torch.no_grad()
