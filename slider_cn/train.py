@@ -11,6 +11,8 @@ import importlib.util
 import json
 import logging
 import math
+import signal
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -197,9 +199,13 @@ def train(config: TrainConfig) -> TrainResult:
         else []
     )
     micro_per_epoch = max(1, len(sampler))
-    steps_per_epoch = math.ceil(micro_per_epoch / config.gradient_accumulation_steps)
-    max_steps = config.max_train_steps or config.num_train_epochs * steps_per_epoch
-    num_epochs = math.ceil(max_steps / steps_per_epoch)
+    # Accumulation runs on across epoch ends (there is no prepared dataloader to cut it), so
+    # count in micro-batches: an optimizer step every `gradient_accumulation_steps` of them.
+    accumulation = config.gradient_accumulation_steps
+    max_steps = config.max_train_steps or max(
+        1, config.num_train_epochs * micro_per_epoch // accumulation
+    )
+    num_epochs = math.ceil(max_steps * accumulation / micro_per_epoch)
     lr_scheduler = get_scheduler(
         config.lr_scheduler,
         optimizer=optimizer,
@@ -251,6 +257,8 @@ def train(config: TrainConfig) -> TrainResult:
         path = checkpoints.find_checkpoint(output_dir, config.resume_from_checkpoint)
         state = checkpoints.load_checkpoint(path, optimizer, lr_scheduler, generator)
         load_trainable_weights(state.weights)
+        if accelerator.scaler is not None and "scaler" in state.extra:
+            accelerator.scaler.load_state_dict(state.extra["scaler"])
         sampler.load_state_dict(state.sampler)
         global_step, start_epoch = state.step, sampler.epoch
         log.info("resumed from %s at step %d", path, global_step)
@@ -278,6 +286,7 @@ def train(config: TrainConfig) -> TrainResult:
             lr_scheduler=lr_scheduler,
             sampler_state=boundary["sampler"],
             noise_generator=_generator_at(boundary["generator"]),
+            extra={"scaler": accelerator.scaler.state_dict()} if accelerator.scaler else None,
             total_limit=config.checkpoints_total_limit,
         )
 
@@ -290,7 +299,10 @@ def train(config: TrainConfig) -> TrainResult:
         "epoch": start_epoch,
     }
     epoch = start_epoch
+    bad_batches: list = []  # micro-batches with a non-finite loss since the last step
+    interrupt = _DeferredInterrupt()
     try:
+        interrupt.install()
         for epoch in range(start_epoch, num_epochs):
             if global_step >= max_steps:
                 break
@@ -310,20 +322,27 @@ def train(config: TrainConfig) -> TrainResult:
                 with accelerator.accumulate(prepared), accelerator.autocast():
                     result = step_fn(inputs, generator, backward=accelerator.backward)
                     if not torch.isfinite(result.loss):
-                        optimizer.zero_grad(set_to_none=True)
-                        where = save(global_step, boundary["epoch"], boundary)
-                        raise TrainingError(
-                            f"non-finite loss {result.loss.item()} at step {global_step + 1}, backend "
-                            f"'{plan.backend}', files {[str(f) for f in plan.files]}; "
-                            f"last good state saved to {where}"
-                        )
-                    if accelerator.sync_gradients and unsynced_params:
-                        # LyCORIS weights live outside the wrapped model: average them by hand.
-                        for p in unsynced_params:
-                            if p.grad is not None:
-                                p.grad = accelerator.reduce(p.grad, reduction="mean")
-                    if accelerator.sync_gradients and config.max_grad_norm > 0:
-                        accelerator.clip_grad_norm_(params, config.max_grad_norm)
+                        bad_batches.append(plan)
+                    if accelerator.sync_gradients:
+                        if unsynced_params:
+                            # LyCORIS weights live outside the wrapped model: average them here.
+                            for p in unsynced_params:
+                                if p.grad is not None:
+                                    p.grad = accelerator.reduce(p.grad, reduction="mean")
+                        # The norm of the averaged gradients is the same on every rank, so all
+                        # ranks agree to stop; a NaN from any rank or micro-batch shows up here.
+                        norm = accelerator.clip_grad_norm_(params, config.max_grad_norm or math.inf)
+                        if norm is not None and not torch.isfinite(norm):
+                            optimizer.zero_grad(set_to_none=True)
+                            where = save(global_step, boundary["epoch"], boundary)
+                            culprit = bad_batches[0] if bad_batches else plan
+                            raise TrainingError(
+                                f"non-finite loss or gradients at step {global_step + 1} (loss "
+                                f"{result.loss.item()} on this rank), backend '{culprit.backend}', "
+                                f"files {[str(f) for f in culprit.files]}; "
+                                f"last good state saved to {where}"
+                            )
+                        bad_batches.clear()
                     optimizer.step()
                     lr_scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
@@ -346,6 +365,8 @@ def train(config: TrainConfig) -> TrainResult:
                     "generator": generator.get_state(),
                     "epoch": epoch,
                 }
+                if interrupt.agreed(accelerator):
+                    raise KeyboardInterrupt
                 progress.set_postfix(
                     loss=f"{record['loss']:.4f}", sign=plan.sign, backend=plan.backend
                 )
@@ -377,6 +398,7 @@ def train(config: TrainConfig) -> TrainResult:
         log.warning("interrupted at step %d; checkpoint saved to %s", global_step, where)
         raise
     finally:
+        interrupt.uninstall()
         progress.close()
         log_file.close()
 
@@ -407,3 +429,37 @@ def _generator_at(state: torch.Tensor) -> torch.Generator:
     generator = torch.Generator()
     generator.set_state(state)
     return generator
+
+
+class _DeferredInterrupt:
+    """Ctrl-C during training: finish the current optimizer step, then save and stop.
+
+    Raising KeyboardInterrupt wherever it lands could split a step (weights stepped, sampler
+    not yet advanced) and write a checkpoint that does not match itself. The flag is agreed
+    across ranks so that all of them stop at the same step. A second Ctrl-C stops at once.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("Ctrl-C: stopping after this step with a checkpoint (again to stop at once)")
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+
+    def uninstall(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+    def agreed(self, accelerator: Accelerator) -> bool:
+        if accelerator.num_processes == 1:
+            return self.requested
+        flag = torch.tensor([float(self.requested)], device=accelerator.device)
+        return bool(accelerator.reduce(flag, reduction="sum").item() > 0)

@@ -200,7 +200,7 @@ def test_controlnet_mode_without_conditioning_fails_before_loading_models(tmp_pa
         train(config)
 
 
-def test_non_finite_loss_stops_with_batch_details_and_a_checkpoint(tmp_path, monkeypatch):
+def _poison(monkeypatch, at_call, how):
     from slider_cn import step as step_module
 
     original = step_module.SliderStep.__call__
@@ -208,20 +208,81 @@ def test_non_finite_loss_stops_with_batch_details_and_a_checkpoint(tmp_path, mon
 
     def poisoned(self, inputs, generator, backward=None):
         calls["n"] += 1
+        if calls["n"] == at_call and how == "inputs":
+            inputs.latents = torch.full_like(inputs.latents, float("nan"))
         result = original(self, inputs, generator, backward)
-        if calls["n"] == 2:
-            result.loss = torch.tensor(float("nan"))
+        if calls["n"] == at_call and how == "grad":
+            param = self.adapter.trainable_parameters()[0]
+            param.grad = torch.full_like(param, float("nan"))  # finite loss, NaN gradient
         return result
 
     monkeypatch.setattr(step_module.SliderStep, "__call__", poisoned)
+
+
+def test_non_finite_loss_stops_with_batch_details_and_a_checkpoint(tmp_path, monkeypatch):
+    _poison(monkeypatch, 2, "inputs")
     config = make_config(tmp_path / "run", max_train_steps=4)
     with pytest.raises(
         TrainingError,
-        match=r"non-finite loss nan at step 2, backend 'circle-minus', files \[.*minus_00",
+        match=r"non-finite loss or gradients at step 2 .*backend 'circle-minus', files \[.*minus_00",
     ) as info:
         train(config)
     assert "checkpoint-1" in str(info.value)
     assert (Path(config.output_dir) / "checkpoint-1" / "state.json").is_file()
+
+
+def test_non_finite_gradient_is_never_applied_nor_saved(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    _poison(monkeypatch, 2, "grad")
+    config = make_config(tmp_path / "run", max_train_steps=4)
+    with pytest.raises(TrainingError, match="step 2"):
+        train(config)
+    saved = load_file(str(Path(config.output_dir) / "checkpoint-1" / "trainable.safetensors"))
+    assert all(torch.isfinite(t).all() for t in saved.values())
+
+
+def test_ctrl_c_finishes_the_step_then_saves_a_matching_checkpoint(tmp_path, monkeypatch, capsys):
+    import signal
+
+    from slider_cn import step as step_module
+
+    original = step_module.SliderStep.__call__
+    calls = {"n": 0}
+
+    def signalled(self, inputs, generator, backward=None):
+        calls["n"] += 1
+        result = original(self, inputs, generator, backward)
+        if calls["n"] == 3:
+            signal.raise_signal(signal.SIGINT)  # lands mid-step, before the optimizer step
+        return result
+
+    monkeypatch.setattr(step_module.SliderStep, "__call__", signalled)
+    paths = write_demo_dataset(tmp_path / "run", images_per_group=2)
+    assert main(["train", "--config", str(paths["config"]), "--max_train_steps", "5"]) == 130
+    folder = tmp_path / "run" / "output" / "checkpoint-3"
+    assert json.loads((folder / "state.json").read_text())["step"] == 3
+    optimizer = torch.load(folder / "optimizer.pt", weights_only=True)
+    assert {s["step"].item() for s in optimizer["state"].values()} == {
+        3.0
+    }  # weights match the step
+
+
+def test_accumulation_across_epoch_ends_reaches_the_planned_steps(tmp_path):
+    # one image per group: 3 micro-batches an epoch, accumulation 2 does not divide it
+    config = make_config(
+        tmp_path / "run", images=1, max_train_steps=4, gradient_accumulation_steps=2
+    )
+    assert train(config).steps == 4
+    assert len(losses(config.output_dir)) == 8
+    by_epochs = make_config(
+        tmp_path / "epochs",
+        images=1,
+        num_train_epochs=3,
+        gradient_accumulation_steps=2,
+        max_train_steps="none",
+    )
+    assert train(by_epochs).steps == 4  # 9 micro-batches: 4 whole optimizer steps
 
 
 def test_ctrl_c_saves_a_checkpoint_and_exits_130(tmp_path, monkeypatch, capsys):
