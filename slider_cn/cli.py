@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 import textwrap
+
+from safetensors import SafetensorError
 
 from slider_cn.config import ConfigError, TrainConfig, config_to_json, load_config, parse_overrides
 
@@ -242,7 +245,9 @@ def _add_export(subparsers) -> None:
     )
     p.add_argument("--adapter", required=True, help="the run's output folder")
     p.add_argument("--format", required=True, choices=("kohya", "diffusers", "merged-controlnet"))
-    p.add_argument("--strength", type=float, default=1.0, help="strength to bake in (default 1)")
+    p.add_argument(
+        "--strength", type=_finite_float, default=1.0, help="strength to bake in (default 1)"
+    )
     p.add_argument("--output", help="file (kohya, diffusers) or folder (merged-controlnet)")
     p.add_argument(
         "--controlnet",
@@ -282,8 +287,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _join_negative_values(argv: list[str]) -> list[str]:
+    """`--strengths -1,-0.5,0` -> `--strengths=-1,-0.5,0`: argparse would read the value as an
+    option because it starts with '-'."""
+    joined: list[str] = []
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        if token in ("--strengths", "--strength") and i + 1 < len(argv) and argv[i + 1][:1] == "-":
+            joined.append(f"{token}={argv[i + 1]}")
+            i += 2
+            continue
+        joined.append(token)
+        i += 1
+    return joined
+
+
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = _join_negative_values(list(sys.argv[1:] if argv is None else argv))
     args, rest = parser.parse_known_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
@@ -300,6 +332,11 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         return args.func(args)
     except ConfigError as exc:
+        print(f"slider-cn: error: {exc}", file=sys.stderr)
+        return 2
+    except (OSError, SafetensorError) as exc:
+        # A path that is a file where a folder is needed (or the reverse), an unreadable or
+        # corrupt file: the message names the path; a traceback would add nothing.
         print(f"slider-cn: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -255,12 +255,23 @@ def train(config: TrainConfig) -> TrainResult:
     global_step, start_epoch = 0, 0
     if config.resume_from_checkpoint:
         path = checkpoints.find_checkpoint(output_dir, config.resume_from_checkpoint)
-        state = checkpoints.load_checkpoint(path, optimizer, lr_scheduler, generator)
-        load_trainable_weights(state.weights)
+        try:
+            state = checkpoints.load_checkpoint(path, optimizer, lr_scheduler, generator)
+            load_trainable_weights(state.weights)
+        except (OSError, ValueError, RuntimeError, KeyError) as exc:
+            raise ConfigError(
+                f"cannot resume from {path}: {exc}. The checkpoint must be complete and come from "
+                "a run with the same model, training_mode, lora_type, lora_rank and targets"
+            ) from None
         if accelerator.scaler is not None and "scaler" in state.extra:
             accelerator.scaler.load_state_dict(state.extra["scaler"])
         sampler.load_state_dict(state.sampler)
         global_step, start_epoch = state.step, sampler.epoch
+        if global_step >= max_steps:
+            raise ConfigError(
+                f"{path} is at step {global_step} and max_train_steps is {max_steps}: nothing "
+                "left to train; raise max_train_steps (or num_train_epochs) to continue"
+            )
         log.info("resumed from %s at step %d", path, global_step)
 
     if is_main:
@@ -393,6 +404,11 @@ def train(config: TrainConfig) -> TrainResult:
                     log.info("validation images at step %d: %s", global_step, folder)
                 if global_step >= max_steps:
                     break
+    except ConfigError:
+        # bad data found mid-run (e.g. an unreadable image): keep what was trained
+        where = save(global_step, boundary["epoch"], boundary)
+        log.error("stopped at step %d; checkpoint saved to %s", global_step, where)
+        raise
     except KeyboardInterrupt:
         where = save(global_step, boundary["epoch"], boundary)
         log.warning("interrupted at step %d; checkpoint saved to %s", global_step, where)
