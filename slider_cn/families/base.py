@@ -58,6 +58,8 @@ class ModelFamily:
     # diffusers class names, for messages and for the targets registry
     denoiser_class: ClassVar[str] = ""
     controlnet_class: ClassVar[str | None] = None
+    # what the family's ControlNet pipeline calls its conditioning image
+    control_image_argument: ClassVar[str] = "control_image"
     # Keyword prefix of the pipeline's save_lora_weights (``unet_lora_layers``) and the kohya
     # key prefix; None means the family has no kohya-format export.
     lora_component: ClassVar[str] = "unet"
@@ -219,7 +221,17 @@ class ModelFamily:
         ``cross_attention_kwargs`` / ``joint_attention_kwargs`` scale: it would scale every
         adapter, the assistant included (DESIGN.md §8.2, §8.8).
         """
-        raise NotImplementedError(f"{self.name}: validation is not implemented")
+        kwargs: dict[str, Any] = {
+            "prompt": prompt,
+            "height": config.resolution,
+            "width": config.resolution,
+            "num_inference_steps": config.validation_num_inference_steps,
+            "guidance_scale": config.validation_guidance,
+        }
+        if conditioning_image is not None:
+            kwargs[self.control_image_argument] = conditioning_image
+            kwargs["controlnet_conditioning_scale"] = config.controlnet_conditioning_scale
+        return kwargs
 
     def encoder_identity(self) -> str:
         """A string naming the model whose encoders produced a cache entry."""

@@ -263,17 +263,8 @@ class FlowMatchingFamily(ModelFamily):
         Prompts are encoded at the length training used; the guidance scale is the pipeline's
         ``guidance_scale`` (CFG for SD3 and Z-Image, the distilled guidance input for Flux dev).
         """
-        kwargs: dict[str, Any] = {
-            "prompt": prompt,
-            "height": config.resolution,
-            "width": config.resolution,
-            "num_inference_steps": config.validation_num_inference_steps,
-            "guidance_scale": config.validation_guidance,
-            "max_sequence_length": self.max_sequence_length,
-        }
-        if conditioning_image is not None:
-            kwargs["control_image"] = conditioning_image
-            kwargs["controlnet_conditioning_scale"] = config.controlnet_conditioning_scale
+        kwargs = super().validation_call_kwargs(prompt, conditioning_image, config)
+        kwargs["max_sequence_length"] = self.max_sequence_length
         return kwargs
 
     def _text_device(self, components: Components) -> torch.device:

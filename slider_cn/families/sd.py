@@ -128,6 +128,7 @@ class StableDiffusionFamily(ModelFamily):
 
     denoiser_class = "UNet2DConditionModel"
     controlnet_class = "ControlNetModel"
+    control_image_argument = "image"
     pipeline_class: ClassVar[type] = StableDiffusionPipeline
     controlnet_pipeline_class: ClassVar[type] = StableDiffusionControlNetPipeline
     text_encoder_subfolders: ClassVar[tuple[str, ...]] = ("text_encoder",)
@@ -251,19 +252,6 @@ class StableDiffusionFamily(ModelFamily):
         if components.controlnet is None:
             return self.pipeline_class(**parts)
         return self.controlnet_pipeline_class(**parts, controlnet=components.controlnet)
-
-    def validation_call_kwargs(self, prompt, conditioning_image, config):
-        kwargs: dict[str, Any] = {
-            "prompt": prompt,
-            "height": config.resolution,
-            "width": config.resolution,
-            "num_inference_steps": config.validation_num_inference_steps,
-            "guidance_scale": config.validation_guidance,
-        }
-        if conditioning_image is not None:
-            kwargs["image"] = conditioning_image
-            kwargs["controlnet_conditioning_scale"] = config.controlnet_conditioning_scale
-        return kwargs
 
 
 class SD1xFamily(StableDiffusionFamily):
