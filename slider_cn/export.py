@@ -15,7 +15,7 @@ def peft_to_kohya(
     """PEFT LoRA keys (`<module>.lora_A.weight`) -> kohya keys (`lora_unet_<module>.lora_down.weight`).
 
     Each module gets an `.alpha` tensor holding the **training** alpha. Writing alpha = rank
-    (as some converters do) silently rescales the slider by rank/alpha (DESIGN.md §8.7).
+    (as some converters do) silently rescales the slider by rank/alpha (docs/design.md §8.7).
     """
     converted: dict[str, torch.Tensor] = {}
     for key, value in state_dict.items():

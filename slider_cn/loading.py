@@ -10,7 +10,7 @@ For users' own scripts::
     set_slider_strength(pipe, -0.5)         # reaches the UNet *and* the ControlNet
 
 Why not ``pipe(..., cross_attention_kwargs={"scale": s})``: in diffusers' SD/SDXL ControlNet
-pipelines that per-call scale reaches the UNet only, never the ControlNet (DESIGN.md §8.8), and
+pipelines that per-call scale reaches the UNet only, never the ControlNet (docs/design.md §8.8), and
 it scales every adapter of the UNet, an assistant LoRA included. ``set_slider_strength`` sets the
 scale of the slider adapter alone, on every model that holds it, through PEFT's own per-layer
 ``set_scale`` (strength x alpha/r); negative strengths and 0 work.

@@ -1,4 +1,4 @@
-"""The files a finished run leaves in `output_dir` (DESIGN.md §6).
+"""The files a finished run leaves in `output_dir` (docs/design.md §6).
 
 - base-side PEFT LoRA: `pytorch_lora_weights.safetensors` (diffusers' layout, loads with
   `pipe.load_lora_weights(output_dir)`) and `slider_kohya.safetensors` (kohya keys with the

@@ -1,4 +1,4 @@
-"""The slider training step (DESIGN.md §5): one micro-batch in, one loss out.
+"""The slider training step (docs/design.md §5): one micro-batch in, one loss out.
 
 - Positive / negative batch with strength s: the slider's multiplier is s for this forward
   (only the slider: assistant adapters keep theirs), the loss is the family's plain denoising

@@ -10,7 +10,7 @@ The registry is data: one ``ArchitectureTargets`` per diffusers architecture, wi
 - ``controlnet_slider``: the slider targets on the architecture's ControlNet,
 - ``controlnet_outputs``: the ControlNet layers a fresh ControlNet initialises to zero. They are
   never given to the slider adapter: in controlnet mode they are trained in full instead
-  (DESIGN.md §8.1: an adapter on a frozen zero layer keeps the residuals at zero).
+  (docs/design.md §8.1: an adapter on a frozen zero layer keeps the residuals at zero).
 
 Pattern syntax: a dotted module path matched against the *end* of a module name, one path
 component at a time (``attn1.to_q`` matches ``down_blocks.0.attentions.0.transformer_blocks.0.
@@ -20,7 +20,7 @@ Exclusion patterns (``NEVER_SLIDER``, ``exclude``) also exclude everything below
 they match.
 
 Every list here was checked against the real diffusers 0.42.1 module names on tiny instances
-of each class (tests/test_targets.py). Where the guide's list (DESIGN.md §9) does not fit the
+of each class (tests/test_targets.py). Where the guide's list (docs/design.md §9) does not fit the
 real names, the entry's ``note`` says what was changed and why.
 """
 
@@ -87,7 +87,7 @@ class ArchitectureTargets:
         return bool(self.controlnet_classes)
 
 
-# --- the guide's lists (DESIGN.md §9), kept as written for comparison -------------------
+# --- the guide's lists (docs/design.md §9), kept as written for comparison -------------------
 GUIDE_GENERAL = (
     "attn1.to_q",
     "attn1.to_k",

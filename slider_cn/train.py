@@ -175,7 +175,7 @@ def train(config: TrainConfig) -> TrainResult:
     adapter = attach_slider_adapter(trainable, targets.names, config)
     params = list(adapter.trainable_parameters())
     # A fresh ControlNet's output projections are zero: unless they learn, its residuals stay
-    # zero and no gradient reaches the adapter (DESIGN.md §8.1).
+    # zero and no gradient reaches the adapter (docs/design.md §8.1).
     projection_names: list[str] = []
     if side == "controlnet" and components.controlnet_is_fresh:
         projection_names = controlnet_output_projections(trainable, arch)

@@ -213,7 +213,7 @@ def test_guide_lokr_preset_adapts_the_intended_modules(caplog):
     assert preset["algo"] == "lokr" and preset["linear_dim"] == 4 and preset["linear_alpha"] == 1
 
     # As written, the guide's preset puts module paths in a class-name field: LyCORIS on its
-    # own adapts nothing (DESIGN.md §8.5).
+    # own adapts nothing (docs/design.md §8.5).
     raw = unet_sd1x()
     LycorisNetwork.apply_preset(preset["apply_preset"])
     try:

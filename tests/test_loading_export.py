@@ -244,7 +244,7 @@ def _image(pipe, **kwargs) -> torch.Tensor:
 
 
 def test_strength_helper_reaches_the_controlnet_where_per_call_scale_does_not(cn_run):
-    """DESIGN.md §8.8: in SD ControlNet pipelines cross_attention_kwargs={"scale": s} reaches
+    """docs/design.md §8.8: in SD ControlNet pipelines cross_attention_kwargs={"scale": s} reaches
     the UNet only. A ControlNet-side slider at strength 0 must give the plain ControlNet's image."""
     out = cn_run.output_dir
     plain = _image(pipeline(out, load_slider_controlnet(out)))

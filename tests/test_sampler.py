@@ -1,4 +1,4 @@
-"""The sign-cycled sampler (DESIGN.md §4): cycle, weights, exhaustion, repeats, epochs,
+"""The sign-cycled sampler (docs/design.md §4): cycle, weights, exhaustion, repeats, epochs,
 resume, ranks. Backends are built in memory: the sampler never opens a file."""
 
 from collections import Counter

@@ -100,7 +100,7 @@ def test_base_lora_loads_with_diffusers_and_kohya_keeps_true_alpha(tmp_path):
 
 
 def test_fresh_controlnet_learns_through_its_output_projections(tmp_path):
-    """DESIGN.md §8.1: the zero-initialised projections are trained, so residuals and then the
+    """docs/design.md §8.1: the zero-initialised projections are trained, so residuals and then the
     adapter get gradient; with them frozen the adapter would never receive any."""
     from slider_cn.adapters import attach_slider_adapter
     from slider_cn.families import get_family

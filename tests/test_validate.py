@@ -220,7 +220,7 @@ def test_assistant_runs_at_its_inference_strength_and_comes_back(tmp_path):
 
 # --- during training and from the command line -------------------------------------------
 def test_validation_during_training_leaves_training_unchanged_and_cli_reproduces_it(tmp_path):
-    """DESIGN.md §8.6: after validating at strengths other than 1, training goes on exactly as
+    """docs/design.md §8.6: after validating at strengths other than 1, training goes on exactly as
     a run without validation does."""
     paths = write_demo_dataset(tmp_path / "data", images_per_group=2)
     common = {

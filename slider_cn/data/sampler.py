@@ -1,4 +1,4 @@
-"""The sign-cycled sampler (DESIGN.md §4): which backend, sign and samples each micro-batch gets.
+"""The sign-cycled sampler (docs/design.md §4): which backend, sign and samples each micro-batch gets.
 
 Semantics, for one epoch:
 
