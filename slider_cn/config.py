@@ -31,6 +31,8 @@ PATH_KEYS = (
 )
 # Keys that are a local folder *or* a hub id: resolved only when the relative path exists.
 MODEL_KEYS = ("pretrained_model_name_or_path", "controlnet_model_name_or_path")
+# Model names built into slider-cn; never resolved as relative paths.
+BUILTIN_MODEL_NAMES = ("tiny", "shapes", "shapes-canny")
 # Keys that must name an existing file or folder when set (checked after resolution).
 MUST_EXIST_KEYS = (
     "data_backend_config",
@@ -53,7 +55,7 @@ class TrainConfig(BaseModel):
     )
     pretrained_model_name_or_path: str = Field(
         "tiny",
-        description="Diffusers folder or hub id of the base model; `tiny` builds a small random model offline.",
+        description="Diffusers folder or hub id of the base model; `tiny` builds a small random model offline; `shapes` is the small shipped model that draws coloured shapes (32 px).",
     )
     training_mode: Literal["lora", "controlnet"] = Field(
         "lora",
@@ -64,7 +66,7 @@ class TrainConfig(BaseModel):
     )
     controlnet_model_name_or_path: str | None = Field(
         None,
-        description="ControlNet folder or hub id; unset in controlnet mode builds a fresh one from the denoiser.",
+        description="ControlNet folder or hub id (`shapes-canny`: the shipped canny ControlNet of `shapes`); unset in controlnet mode builds a fresh one from the denoiser.",
     )
     controlnet_conditioning_scale: float = Field(
         1.0, ge=0.0, description="Scale of the ControlNet residuals fed to the denoiser."
@@ -140,7 +142,9 @@ class TrainConfig(BaseModel):
         None, description="JSON list of dataset backends (required to train)."
     )
     resolution: int = Field(
-        512, ge=8, description="Training resolution in pixels (square), a multiple of 8."
+        512,
+        ge=8,
+        description="Training resolution in pixels (square), a multiple of 8; 32 by default when the model is `shapes`.",
     )
     cache_dir: str | None = Field(
         None,
@@ -250,6 +254,13 @@ class TrainConfig(BaseModel):
         # `"controlnet": true` is SimpleTuner's way of saying controlnet mode.
         if self.controlnet and self.training_mode != "controlnet":
             object.__setattr__(self, "training_mode", "controlnet")
+        if self.is_shapes and self.model_family != "sd1x":
+            raise ValueError(
+                f"the shapes model is an sd1x pipeline; set model_family to 'sd1x' (got {self.model_family!r})"
+            )
+        if self.is_shapes and "resolution" not in self.model_fields_set:
+            # the shapes model's native size (slider_cn.shapes.NATIVE_RESOLUTION)
+            object.__setattr__(self, "resolution", 32)
         if self.lora_type == "lycoris" and not self.lycoris_config:
             raise ValueError(
                 "lora_type 'lycoris' needs lycoris_config (a lycoris_config.json file)"
@@ -259,6 +270,10 @@ class TrainConfig(BaseModel):
     @property
     def is_tiny(self) -> bool:
         return self.pretrained_model_name_or_path == "tiny"
+
+    @property
+    def is_shapes(self) -> bool:
+        return self.pretrained_model_name_or_path == "shapes"
 
     @property
     def cache_path(self) -> Path:
@@ -344,7 +359,7 @@ def _resolve_paths(values: dict[str, Any], base: Path, keys: set[str]) -> None:
                 values[key] = str((base / Path(value).expanduser()).resolve())
             else:
                 values[key] = str(Path(value).expanduser())
-        elif key in MODEL_KEYS and value != "tiny":
+        elif key in MODEL_KEYS and value not in BUILTIN_MODEL_NAMES:
             candidate = base / Path(value).expanduser()
             if not Path(value).is_absolute() and candidate.exists():
                 values[key] = str(candidate.resolve())

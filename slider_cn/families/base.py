@@ -25,7 +25,7 @@ class Components:
     noise_scheduler: Any
     controlnet: torch.nn.Module | None = None
     # True when the ControlNet was built from the denoiser here (its output projections are
-    # zero-initialised and must be trained in controlnet mode, DESIGN.md §8.1).
+    # zero-initialised and must be trained in controlnet mode, docs/design.md §8.1).
     controlnet_is_fresh: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -219,7 +219,7 @@ class ModelFamily:
         that image under the pipeline's own name (``image`` for SD/SDXL ControlNet pipelines,
         ``control_image`` for others) plus ``controlnet_conditioning_scale``. Never a
         ``cross_attention_kwargs`` / ``joint_attention_kwargs`` scale: it would scale every
-        adapter, the assistant included (DESIGN.md §8.2, §8.8).
+        adapter, the assistant included (docs/design.md §8.2, §8.8).
         """
         kwargs: dict[str, Any] = {
             "prompt": prompt,
@@ -238,5 +238,11 @@ class ModelFamily:
         base = self.config.pretrained_model_name_or_path
         if base == "tiny":
             return f"{self.name}:tiny:seed{self.config.seed}"
+        if self.config.is_shapes:
+            # the shipped weights can be rebuilt: key caches by the UNet file's size and time
+            from slider_cn.shapes import builtin_model
+
+            stat = next(builtin_model(base).glob("unet/*.safetensors")).stat()
+            return f"{self.name}:shapes:{stat.st_size}:{stat.st_mtime_ns}"
         path = Path(base)
         return f"{self.name}:{path.resolve() if path.exists() else base}"

@@ -22,6 +22,7 @@ from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel, CLIPTextM
 from slider_cn.config import ConfigError
 from slider_cn.families.base import Components, ModelFamily, seeded
 from slider_cn.families.tiny_tokenizer import build_tiny_tokenizer
+from slider_cn.shapes import builtin_model
 
 # Small conditioning embedding for tiny ControlNets; four entries keep the 8x downsampling
 # that matches the VAE.
@@ -112,7 +113,16 @@ def _sd_noise_scheduler() -> DDPMScheduler:
 
 def _load(cls, path: str, subfolder: str | None, what: str):
     try:
-        return cls.from_pretrained(path, subfolder=subfolder)
+        builtin = builtin_model(path)  # `shapes` / `shapes-canny`: the shipped folders
+    except FileNotFoundError as exc:
+        raise ConfigError(str(exc)) from None
+    if builtin is not None:
+        path = str(builtin)
+    try:
+        loaded = cls.from_pretrained(path, subfolder=subfolder)
+        if builtin is not None and isinstance(loaded, torch.nn.Module):
+            loaded.float()  # shipped as fp16 to halve the bytes; computed in fp32
+        return loaded
     except (OSError, ValueError) as exc:
         where = f"{path}/{subfolder}" if subfolder else path
         hint = (
@@ -158,11 +168,14 @@ class StableDiffusionFamily(ModelFamily):
         return _load(ControlNetModel, path, None, "ControlNet")
 
     def controlnet_from_denoiser(self, denoiser: torch.nn.Module) -> torch.nn.Module:
-        kwargs = (
-            {"conditioning_embedding_out_channels": TINY_CONDITIONING_CHANNELS}
-            if self.config.is_tiny
-            else {}
-        )
+        kwargs = {}
+        if self.config.is_tiny:
+            kwargs = {"conditioning_embedding_out_channels": TINY_CONDITIONING_CHANNELS}
+        elif self.config.is_shapes:
+            # the shapes VAE downsamples 4x: a conditioning embedding with one step less
+            from slider_cn.shapes.models import CONDITIONING_CHANNELS
+
+            kwargs = {"conditioning_embedding_out_channels": CONDITIONING_CHANNELS}
         return ControlNetModel.from_unet(denoiser, **kwargs)
 
     def encode_images(self, components: Components, pixels: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,456 @@
+"""Reproduce the shipped `shapes` pipeline and its `shapes-canny` ControlNet from a seed.
+
+    python -m slider_cn.shapes.pretrain --output slider_cn/shapes/weights
+
+Four stages, each saved under ``<output>/stages`` so an interrupted run continues from the last
+finished one: the VAE (reconstruction + KL), the text encoder and UNet together (v-prediction,
+caption dropout for classifier-free guidance, EMA weights), the canny ControlNet on the frozen
+base, then the evaluation (caption accuracy of the base, outline IoU of the ControlNet), written
+to ``<output>/pretrain_report.json``. The same script runs on a CPU or a GPU (``--device``)
+and gives the same kind of model; it runs once, by the maintainers, never in CI or the demo.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler, StableDiffusionControlNetPipeline, StableDiffusionPipeline
+from diffusers.training_utils import EMAModel
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from conditioning.canny import CannyEdges
+from slider_cn.shapes import models
+from slider_cn.shapes.measure import mask_iou, measure, shape_mask
+from slider_cn.shapes.world import COLOURS, SHAPES, ShapeSpec, render, sample_spec
+
+log = logging.getLogger("slider_cn.shapes.pretrain")
+
+# The conditioning the ControlNet learns from: `slider-cn preprocess --detector canny` defaults.
+CANNY = CannyEdges({"low_threshold": 100, "high_threshold": 200, "detect_resolution": None})
+
+
+@dataclass
+class PretrainSettings:
+    seed: int = 0
+    vae_steps: int = 1000
+    vae_batch: int = 32
+    vae_lr: float = 1e-3
+    vae_kl_weight: float = 2e-3
+    pool_size: int = 16384  # pictures encoded once for the UNet and ControlNet stages
+    unet_steps: int = 5000
+    unet_batch: int = 64
+    unet_lr: float = 1e-3
+    caption_dropout: float = 0.1
+    ema_decay: float = 0.999
+    controlnet_steps: int = 1500
+    controlnet_batch: int = 64
+    controlnet_lr: float = 1e-3
+    controlnet_caption_dropout: float = 0.5
+    eval_seeds: int = 3
+    eval_steps: int = 25
+    eval_guidance: float = 3.0
+
+
+def pool_specs(settings: PretrainSettings) -> list[ShapeSpec]:
+    rng = np.random.default_rng(settings.seed + 1)
+    return [sample_spec(rng) for _ in range(settings.pool_size)]
+
+
+def to_pixels(images) -> torch.Tensor:
+    array = np.stack([np.asarray(image, dtype=np.float32) for image in images]) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(0, 3, 1, 2)
+
+
+def training_caption(spec: ShapeSpec, rng: np.random.Generator, dropout: float) -> str:
+    """The full caption, or one with the size and/or colour word left out, or none (CFG)."""
+    if rng.random() < dropout:
+        return ""
+    words = ["shape"]
+    if rng.random() < 0.8:
+        words.append("colour")
+    if rng.random() < 0.5:
+        words.append("size")
+    return spec.caption(words)
+
+
+def _tokens(tokenizer, captions: list[str], device) -> torch.Tensor:
+    return tokenizer(
+        captions, padding="max_length", max_length=models.MAX_TOKENS, return_tensors="pt"
+    ).input_ids.to(device)
+
+
+def _lr_lambda(steps: int, warmup: int = 100):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, steps - warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+# --- stages ----------------------------------------------------------------------------------
+def train_vae(settings: PretrainSettings, device: torch.device):
+    torch.manual_seed(settings.seed)
+    vae = models.build_vae().to(device)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=settings.vae_lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(settings.vae_steps))
+    rng = np.random.default_rng(settings.seed + 2)
+    bar = tqdm(range(settings.vae_steps), desc="vae", mininterval=5)
+    for _ in bar:
+        pixels = to_pixels(render(sample_spec(rng)) for _ in range(settings.vae_batch)).to(device)
+        posterior = vae.encode(pixels).latent_dist
+        reconstruction = vae.decode(posterior.sample()).sample
+        mse = F.mse_loss(reconstruction, pixels)
+        kl = posterior.kl().mean() / posterior.mean[0].numel()  # per latent element
+        loss = mse + settings.vae_kl_weight * kl
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        bar.set_postfix(mse=f"{mse.item():.4f}", kl=f"{kl.item():.2f}")
+    vae.eval().requires_grad_(False)
+    return vae, {"vae_final_mse": mse.item()}
+
+
+@torch.no_grad()
+def encode_pool(vae, specs: list[ShapeSpec], device: torch.device):
+    """Latents (unscaled) and canny maps of every pool picture."""
+    latents, canny = [], []
+    for start in tqdm(range(0, len(specs), 256), desc="encode pool", mininterval=5):
+        images = [render(spec) for spec in specs[start : start + 256]]
+        latents.append(vae.encode(to_pixels(images).to(device)).latent_dist.mode().cpu())
+        maps = [CANNY(np.asarray(image), image.size, "") for image in images]
+        canny.append(torch.from_numpy(np.stack(maps)).unsqueeze(1).float() / 255.0)
+    return torch.cat(latents), torch.cat(canny)
+
+
+def train_base(settings, device, tokenizer, latents, specs, scheduler):
+    torch.manual_seed(settings.seed + 3)
+    text_encoder = models.build_text_encoder(tokenizer).to(device)
+    unet = models.build_unet().to(device)
+    params = [*unet.parameters(), *text_encoder.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=settings.unet_lr, weight_decay=1e-2)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(settings.unet_steps))
+    ema_unet = EMAModel(unet.parameters(), decay=settings.ema_decay, use_ema_warmup=True)
+    ema_text = EMAModel(text_encoder.parameters(), decay=settings.ema_decay, use_ema_warmup=True)
+    rng = np.random.default_rng(settings.seed + 4)
+    generator = torch.Generator().manual_seed(settings.seed + 5)
+    alphas = scheduler.alphas_cumprod
+    bar = tqdm(range(settings.unet_steps), desc="unet + text encoder", mininterval=5)
+    for _ in bar:
+        index = rng.integers(len(specs), size=settings.unet_batch)
+        x0 = latents[index].to(device)
+        captions = [training_caption(specs[i], rng, settings.caption_dropout) for i in index]
+        noise = torch.randn(x0.shape, generator=generator).to(device)
+        t = torch.randint(0, 1000, (len(index),), generator=generator)
+        a = alphas[t].sqrt().view(-1, 1, 1, 1).to(device)
+        s = (1 - alphas[t]).sqrt().view(-1, 1, 1, 1).to(device)
+        noisy = a * x0 + s * noise
+        target = a * noise - s * x0  # v
+        hidden = text_encoder(_tokens(tokenizer, captions, device))[0]
+        prediction = unet(noisy, t.to(device), hidden).sample
+        loss = F.mse_loss(prediction, target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        ema_unet.step(unet.parameters())
+        ema_text.step(text_encoder.parameters())
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    ema_unet.copy_to(unet.parameters())
+    ema_text.copy_to(text_encoder.parameters())
+    for module in (unet, text_encoder):
+        module.eval().requires_grad_(False)
+    return unet, text_encoder, {"unet_final_loss": loss.item()}
+
+
+def train_controlnet(
+    settings, device, tokenizer, text_encoder, unet, latents, canny, specs, scheduler
+):
+    torch.manual_seed(settings.seed + 6)
+    controlnet = models.build_controlnet(unet).to(device).train()
+    optimizer = torch.optim.AdamW(
+        controlnet.parameters(), lr=settings.controlnet_lr, weight_decay=0.0
+    )
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(settings.controlnet_steps))
+    rng = np.random.default_rng(settings.seed + 7)
+    generator = torch.Generator().manual_seed(settings.seed + 8)
+    alphas = scheduler.alphas_cumprod
+    bar = tqdm(range(settings.controlnet_steps), desc="controlnet", mininterval=5)
+    for _ in bar:
+        index = rng.integers(len(specs), size=settings.controlnet_batch)
+        x0 = latents[index].to(device)
+        cond = canny[index].expand(-1, 3, -1, -1).to(device)
+        captions = [
+            training_caption(specs[i], rng, settings.controlnet_caption_dropout) for i in index
+        ]
+        noise = torch.randn(x0.shape, generator=generator).to(device)
+        t = torch.randint(0, 1000, (len(index),), generator=generator)
+        a = alphas[t].sqrt().view(-1, 1, 1, 1).to(device)
+        s = (1 - alphas[t]).sqrt().view(-1, 1, 1, 1).to(device)
+        noisy = a * x0 + s * noise
+        target = a * noise - s * x0
+        with torch.no_grad():
+            hidden = text_encoder(_tokens(tokenizer, captions, device))[0]
+        down, mid = controlnet(noisy, t.to(device), hidden, controlnet_cond=cond, return_dict=False)
+        prediction = unet(
+            noisy,
+            t.to(device),
+            hidden,
+            down_block_additional_residuals=down,
+            mid_block_additional_residual=mid,
+        ).sample
+        loss = F.mse_loss(prediction, target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(controlnet.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    controlnet.eval().requires_grad_(False)
+    return controlnet, {"controlnet_final_loss": loss.item()}
+
+
+# --- evaluation ------------------------------------------------------------------------------
+def _ddim(scheduler):
+    return DDIMScheduler.from_config(scheduler.config)
+
+
+@torch.no_grad()
+def evaluate(settings, pipe: StableDiffusionPipeline, controlnet, device) -> dict:
+    """Caption accuracy of the base; outline IoU of the ControlNet."""
+    captions = [f"a {colour} {shape}" for colour in COLOURS for shape in SHAPES]
+    prompts = [c for c in captions for _ in range(settings.eval_seeds)]
+    generator = torch.Generator().manual_seed(settings.seed + 100)
+    images = pipe(
+        prompts,
+        height=models.RESOLUTION,
+        width=models.RESOLUTION,
+        num_inference_steps=settings.eval_steps,
+        guidance_scale=settings.eval_guidance,
+        generator=generator,
+    ).images
+    measured = [measure(image) for image in images]
+    colour_ok = [m.colour == p.split()[1] for m, p in zip(measured, prompts, strict=True)]
+    shape_ok = [m.shape == p.split()[2] for m, p in zip(measured, prompts, strict=True)]
+    found = [m.found for m in measured]
+    report = {
+        "caption_samples": len(prompts),
+        "shape_found": float(np.mean(found)),
+        "colour_accuracy": float(np.mean(colour_ok)),
+        "shape_accuracy": float(np.mean(shape_ok)),
+        "both_accuracy": float(
+            np.mean([a and b for a, b in zip(colour_ok, shape_ok, strict=True)])
+        ),
+    }
+    # ControlNet: outlines of unseen pictures, prompts that name no colour
+    rng = np.random.default_rng(settings.seed + 101)
+    specs = [sample_spec(rng) for _ in range(24)]
+    maps = []
+    for spec in specs:
+        image = render(spec)
+        edges = CANNY(np.asarray(image), image.size, "")
+        maps.append(torch.from_numpy(np.stack([edges] * 3)).float() / 255.0)
+    cn_pipe = StableDiffusionControlNetPipeline(**pipe.components, controlnet=controlnet)
+    cn_pipe.set_progress_bar_config(disable=True)
+    generated = cn_pipe(
+        [spec.caption(("shape",)) for spec in specs],
+        image=torch.stack(maps),
+        height=models.RESOLUTION,
+        width=models.RESOLUTION,
+        num_inference_steps=settings.eval_steps,
+        guidance_scale=settings.eval_guidance,
+        generator=torch.Generator().manual_seed(settings.seed + 102),
+    ).images
+    ious = [
+        mask_iou(shape_mask(image), shape_mask(render(spec)))
+        for image, spec in zip(generated, specs, strict=True)
+    ]
+    report["controlnet_mask_iou_mean"] = float(np.mean(ious))
+    report["controlnet_mask_iou_min"] = float(np.min(ious))
+    return report, images, generated
+
+
+def _contact_sheet(images, columns: int):
+    from PIL import Image
+
+    width, height = images[0].size
+    rows = math.ceil(len(images) / columns)
+    sheet = Image.new("RGB", (columns * width, rows * height), "white")
+    for i, image in enumerate(images):
+        sheet.paste(image, ((i % columns) * width, (i // columns) * height))
+    return sheet
+
+
+# --- saving ----------------------------------------------------------------------------------
+def _stage_file(output: Path, name: str) -> Path:
+    return output / "stages" / f"{name}.safetensors"
+
+
+def _save_stage(output: Path, name: str, modules: dict, extra: dict | None = None) -> None:
+    path = _stage_file(output, name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {
+        f"{prefix}.{key}": value.detach().cpu().contiguous()
+        for prefix, module in modules.items()
+        for key, value in module.state_dict().items()
+    }
+    save_file(tensors, str(path), metadata={k: json.dumps(v) for k, v in (extra or {}).items()})
+
+
+def _load_stage(output: Path, name: str, modules: dict) -> dict | None:
+    from safetensors import safe_open
+
+    path = _stage_file(output, name)
+    if not path.is_file():
+        return None
+    state = load_file(str(path))
+    for prefix, module in modules.items():
+        own = {
+            k.removeprefix(prefix + "."): v for k, v in state.items() if k.startswith(prefix + ".")
+        }
+        module.load_state_dict(own)
+        module.eval().requires_grad_(False)
+    with safe_open(str(path), "pt") as handle:
+        return {k: json.loads(v) for k, v in (handle.metadata() or {}).items()}
+
+
+def _stamp_metadata(folder: Path, metadata: dict[str, str]) -> None:
+    """Add the generator settings to every safetensors file diffusers wrote under ``folder``."""
+    from safetensors import safe_open
+
+    for path in folder.rglob("*.safetensors"):
+        with safe_open(str(path), "pt") as handle:
+            own = dict(handle.metadata() or {})
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        save_file(tensors, str(path), metadata={**own, **metadata})
+
+
+def pretrain(settings: PretrainSettings, output: Path, device: str = "cpu") -> dict:
+    output = Path(output)
+    dev = torch.device(device)
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+    tokenizer = models.build_tokenizer()
+    scheduler = models.build_scheduler()
+
+    vae = models.build_vae().to(dev)
+    stats = _load_stage(output, "vae", {"vae": vae})
+    if stats is None:
+        t = time.perf_counter()
+        vae, stats = train_vae(settings, dev)
+        timings["vae_s"] = time.perf_counter() - t
+        _save_stage(output, "vae", {"vae": vae}, {**stats, "seconds": timings["vae_s"]})
+    specs = pool_specs(settings)
+    t = time.perf_counter()
+    latents, canny = encode_pool(vae, specs, dev)
+    timings["encode_s"] = time.perf_counter() - t
+    scale = float(1.0 / latents.std())
+    vae.register_to_config(scaling_factor=scale)
+    latents = latents * scale
+
+    unet, text_encoder = models.build_unet().to(dev), models.build_text_encoder(tokenizer).to(dev)
+    base_stats = _load_stage(output, "base", {"unet": unet, "text_encoder": text_encoder})
+    if base_stats is None:
+        t = time.perf_counter()
+        unet, text_encoder, base_stats = train_base(
+            settings, dev, tokenizer, latents, specs, scheduler
+        )
+        timings["unet_s"] = time.perf_counter() - t
+        _save_stage(
+            output,
+            "base",
+            {"unet": unet, "text_encoder": text_encoder},
+            {**base_stats, "seconds": timings["unet_s"]},
+        )
+    controlnet = models.build_controlnet(unet).to(dev)
+    cn_stats = _load_stage(output, "controlnet", {"controlnet": controlnet})
+    if cn_stats is None:
+        t = time.perf_counter()
+        controlnet, cn_stats = train_controlnet(
+            settings, dev, tokenizer, text_encoder, unet, latents, canny, specs, scheduler
+        )
+        timings["controlnet_s"] = time.perf_counter() - t
+        _save_stage(
+            output,
+            "controlnet",
+            {"controlnet": controlnet},
+            {**cn_stats, "seconds": timings["controlnet_s"]},
+        )
+
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=_ddim(scheduler),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    t = time.perf_counter()
+    report, samples, controlled = evaluate(settings, pipe, controlnet, dev)
+    timings["evaluate_s"] = time.perf_counter() - t
+
+    # ship: fp16 weights (half the bytes; loaded back as fp32), the training noise scheduler
+    base_dir, canny_dir = output / "base", output / "canny"
+    pipe.scheduler = scheduler
+    pipe.to(torch.float16).save_pretrained(str(base_dir), safe_serialization=True)
+    controlnet.to(torch.float16).save_pretrained(str(canny_dir), safe_serialization=True)
+    metadata = {
+        "slider_cn.shapes.settings": json.dumps(asdict(settings)),
+        "slider_cn.shapes.resolution": str(models.RESOLUTION),
+    }
+    _stamp_metadata(base_dir, metadata)
+    _stamp_metadata(canny_dir, metadata)
+    _contact_sheet(samples, columns=settings.eval_seeds * 3).save(output / "pretrain_samples.png")
+    _contact_sheet(controlled, columns=8).save(output / "pretrain_controlnet_samples.png")
+
+    report.update(
+        {
+            "settings": asdict(settings),
+            "device": device,
+            "threads": torch.get_num_threads(),
+            "seconds": {**timings, "total_s": time.perf_counter() - started},
+            "stages": {"vae": stats, "base": base_stats, "controlnet": cn_stats},
+            "vae_scaling_factor": scale,
+        }
+    )
+    (output / "pretrain_report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m slider_cn.shapes.pretrain",
+        description="Train the shapes pipeline and its canny ControlNet from a seed.",
+    )
+    parser.add_argument("--output", required=True, help="folder for base/, canny/ and the report")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    for field in fields(PretrainSettings):
+        parser.add_argument(
+            f"--{field.name.replace('_', '-')}", type=type(field.default), default=field.default
+        )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    settings = PretrainSettings(**{f.name: getattr(args, f.name) for f in fields(PretrainSettings)})
+    report = pretrain(settings, Path(args.output), args.device)
+    print(json.dumps({k: v for k, v in report.items() if k != "settings"}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
