@@ -232,6 +232,68 @@ def _run_validate(args: argparse.Namespace, overrides: dict[str, str | None]) ->
     return 0
 
 
+# --- evaluate ----------------------------------------------------------------------------
+def _add_evaluate(subparsers) -> None:
+    p = subparsers.add_parser(
+        "evaluate",
+        allow_abbrev=False,
+        help="measure a trained slider: a strength sweep over seeds and prompts",
+        description="Rebuild a finished run, render a strength sweep over several seeds and "
+        "prompts (with the run's ControlNet and conditioning image), measure every image (the "
+        "shapes world's attributes on `shapes`, else the CLIP score difference of --positive and "
+        "--negative with --clip_model) and write evaluation.json, a plot and sweep grids. Any "
+        "config key can be overridden as --key value.",
+    )
+    p.add_argument("--config", required=True, help="the run's training config (JSON)")
+    p.add_argument("--adapter", required=True, help="the run's output folder")
+    p.add_argument(
+        "--strengths",
+        default="-1,-0.5,0,0.5,1",
+        help="comma-separated sweep strengths (default: -1,-0.5,0,0.5,1)",
+    )
+    p.add_argument("--seeds", type=_positive_int, default=4, help="seeds per prompt (default 4)")
+    p.add_argument(
+        "--prompt",
+        action="append",
+        help="a prompt to sweep (repeatable; default: the run's validation prompts)",
+    )
+    p.add_argument(
+        "--attribute",
+        help="shapes: the attribute the slider moves (default: the one it moves most)",
+    )
+    p.add_argument("--clip_model", help="a local CLIP folder, for models other than shapes")
+    p.add_argument("--positive", help="with --clip_model: the concept's positive text")
+    p.add_argument("--negative", help="with --clip_model: the concept's negative text")
+    p.add_argument("--output", help="folder for the report (default: ADAPTER/evaluation)")
+    p.set_defaults(func=_run_evaluate, takes_overrides=True)
+
+
+def _run_evaluate(args: argparse.Namespace, overrides: dict[str, str | None]) -> int:
+    from slider_cn.evaluate import evaluate_output, summary_lines
+    from slider_cn.validate import parse_strengths
+
+    config = load_config(args.config, overrides)
+    result = evaluate_output(
+        config,
+        args.adapter,
+        strengths=parse_strengths(args.strengths),
+        seeds=args.seeds,
+        prompts=args.prompt,
+        output=args.output,
+        attribute=args.attribute,
+        clip_model=args.clip_model,
+        positive=args.positive,
+        negative=args.negative,
+    )
+    for line in summary_lines(result):
+        print(line)
+    print(f"report: {result.json_path}")
+    print(f"plot:   {result.plot}")
+    for grid in result.grids.values():
+        print(f"sweep:  {grid}")
+    return 0
+
+
 # --- export ------------------------------------------------------------------------------
 def _add_export(subparsers) -> None:
     p = subparsers.add_parser(
@@ -271,7 +333,14 @@ def _run_export(args: argparse.Namespace) -> int:
     return 0
 
 
-SUBCOMMANDS = (_add_train, _add_preprocess, _add_targets, _add_validate, _add_export)
+SUBCOMMANDS = (
+    _add_train,
+    _add_preprocess,
+    _add_targets,
+    _add_validate,
+    _add_evaluate,
+    _add_export,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

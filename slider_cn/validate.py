@@ -7,7 +7,7 @@
   and seed at each sweep strength, left to right, each tile labelled with its strength.
 - The slider's strength is set with ``SliderAdapter.multiplier(s)``, which scales the slider
   alone (on the ControlNet too when it lives there) and puts the training scale back bit for
-  bit afterwards (DESIGN.md §8.6). An assistant adapter runs at
+  bit afterwards (docs/design.md §8.6). An assistant adapter runs at
   ``assistant_lora_inference_strength`` during validation and returns to its training strength.
 - ``validate_output(config, adapter_dir)`` rebuilds a finished run (``slider-cn validate``).
 """
@@ -156,8 +156,15 @@ def strength_label(strength: float) -> str:
 
 
 def sweep_grid(tiles: Sequence[tuple[float, Image.Image]]) -> Image.Image:
-    """The tiles side by side, left to right, each with its strength written above it."""
+    """The tiles side by side, left to right, each with its strength written above it.
+
+    Tiles under 64 pixels (the 32-pixel `shapes` model) are enlarged, pixel for pixel, so the
+    grid can be looked at.
+    """
     width, height = tiles[0][1].size
+    if width < 64:
+        factor = -(-96 // width)
+        width, height = width * factor, height * factor
     band = max(12, height // 6)
     try:
         font = ImageFont.load_default(size=max(9, band - 3))
@@ -166,7 +173,9 @@ def sweep_grid(tiles: Sequence[tuple[float, Image.Image]]) -> Image.Image:
     grid = Image.new("RGB", (width * len(tiles), height + band), "white")
     draw = ImageDraw.Draw(grid)
     for i, (strength, tile) in enumerate(tiles):
-        grid.paste(tile.convert("RGB").resize((width, height)), (i * width, band))
+        grid.paste(
+            tile.convert("RGB").resize((width, height), Image.Resampling.NEAREST), (i * width, band)
+        )
         label = f"s={strength_label(strength)}"
         left, top, right, bottom = draw.textbbox((0, 0), label, font=font)
         x = i * width + (width - (right - left)) // 2
@@ -200,6 +209,57 @@ def _eval_mode(module: torch.nn.Module) -> Iterator[None]:
         module.train(was_training)
 
 
+class SweepRenderer:
+    """Renders prompts at slider strengths through the family's validation pipeline.
+
+    Use as a context manager: inside it the trained model is in eval mode, an assistant adapter
+    runs at ``assistant_lora_inference_strength`` and mixed-precision weights meet under
+    autocast; on exit all of them are as they were. ``render(prompt, strength, seeds)`` gives
+    one image per seed, each from a CPU generator seeded with it (the same noise on every
+    device), with the slider at ``strength`` and its training scale restored afterwards
+    (docs/design.md §8.6).
+    """
+
+    def __init__(
+        self,
+        family: Any,
+        components: Any,
+        adapter: Any,
+        config: TrainConfig,
+        *,
+        assistant: Any = None,
+    ):
+        self.family, self.adapter, self.config, self.assistant = family, adapter, config, assistant
+        self.image = conditioning_image(config, components)
+        self.view = dataclasses.replace(
+            components,
+            denoiser=_unwrap(components.denoiser),
+            controlnet=None if components.controlnet is None else _unwrap(components.controlnet),
+        )
+        self.pipe = family.validation_pipeline(self.view)
+        self.pipe.set_progress_bar_config(disable=True)
+        self._stack = contextlib.ExitStack()
+
+    def __enter__(self) -> SweepRenderer:
+        self._stack.enter_context(_eval_mode(_unwrap(self.adapter.model)))
+        if self.assistant is not None:
+            self._stack.enter_context(
+                self.assistant.strength_as(self.config.assistant_lora_inference_strength)
+            )
+        self._stack.enter_context(_inference_precision(self.view))
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self._stack.close()
+
+    def render(self, prompt: str, strength: float, seeds: Sequence[int]) -> list[Image.Image]:
+        kwargs = self.family.validation_call_kwargs(prompt, self.image, self.config)
+        kwargs["prompt"] = [prompt] * len(seeds)
+        generators = [torch.Generator("cpu").manual_seed(int(seed)) for seed in seeds]
+        with self.adapter.multiplier(strength):
+            return self.pipe(**kwargs, generator=generators).images
+
+
 def run_validation(
     family: Any,
     components: Any,
@@ -221,33 +281,18 @@ def run_validation(
     strengths = [float(s) for s in strengths]
     if seed is None:
         seed = config.validation_seed if config.validation_seed is not None else config.seed
-    image = conditioning_image(config, components)
-    view = dataclasses.replace(
-        components,
-        denoiser=_unwrap(components.denoiser),
-        controlnet=None if components.controlnet is None else _unwrap(components.controlnet),
-    )
-    pipe = family.validation_pipeline(view)
-    pipe.set_progress_bar_config(disable=True)
     folder = Path(output_folder)
     folder.mkdir(parents=True, exist_ok=True)
 
     images: dict[str, Path] = {}
     grids: dict[str, Path] = {}
     used: set[str] = set()
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(_eval_mode(_unwrap(adapter.model)))
-        if assistant is not None:
-            stack.enter_context(assistant.strength_as(config.assistant_lora_inference_strength))
-        stack.enter_context(_inference_precision(view))
+    with SweepRenderer(family, components, adapter, config, assistant=assistant) as renderer:
         for entry in prompts:
-            kwargs = family.validation_call_kwargs(entry.prompt, image, config)
-            made: dict[float, Image.Image] = {}
-            for s in dict.fromkeys([*strengths, entry.strength]):
-                with adapter.multiplier(s):
-                    # a CPU generator: the same seed gives the same noise on every device
-                    generator = torch.Generator("cpu").manual_seed(seed)
-                    made[s] = pipe(**kwargs, generator=generator).images[0]
+            made = {
+                s: renderer.render(entry.prompt, s, [seed])[0]
+                for s in dict.fromkeys([*strengths, entry.strength])
+            }
             stem = _slug(entry.name)
             while stem in used:
                 stem += "_"
