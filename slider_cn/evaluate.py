@@ -248,11 +248,12 @@ def evaluate_run(
     return EvaluationResult(folder, report, plot, grids)
 
 
-def _slides_both_ways(negative: float, positive: float, share: float = 0.2) -> bool:
+def _slides_both_ways(negative: float, positive: float, share: float = 0.1) -> bool:
     """Each side of zero moves the attribute the same way, by at least ``share`` of the total.
 
-    A slider trained on one side only (or a sign mix-up on one side) moves the picture with
-    the strength on that side and not, or backwards, on the other.
+    A slider whose training lost the sign of one side moves the picture with the strength on
+    one side and not, or backwards, on the other. (A slider trained on the + side alone still
+    passes: a LoRA is close to linear in its multiplier, so -1 undoes what +1 learned.)
     """
     total = negative + positive
     if not (math.isfinite(total) and total != 0):

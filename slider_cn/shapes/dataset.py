@@ -1,0 +1,148 @@
+"""A contrastive slider dataset from the shapes world: warm (+) against cool (-) pictures.
+
+Each positive picture has a negative twin with the same outline, size, position and caption
+and a cool hue instead of a warm one, so the only thing the slider can learn is warmth.
+Optional neutral pictures (triangles of any hue, captioned with their colour) are the content a
+`preserve` slider should leave alone. The canny maps the ControlNet needs are read from
+``canny/<group>`` (for `slider-cn preprocess --detector canny --input data --output canny` to
+fill), written directly (``conditioning="write"``), or asked for inline.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from slider_cn.shapes.world import COOL_HUES, WARM_HUES, render, sample_spec, with_hue
+
+# both name the held-out outline's shape, so text and ControlNet agree
+VALIDATION_PROMPTS = {"circle": "a circle", "large_circle": "a large circle"}
+
+
+def _canny(image: Image.Image) -> Image.Image:
+    from slider_cn.shapes.pretrain import CANNY
+
+    return Image.fromarray(CANNY(np.asarray(image), image.size, ""))
+
+
+def write_shapes_slider_dataset(
+    root: str | Path,
+    *,
+    pairs: int = 16,
+    neutral: int = 0,
+    seed: int = 0,
+    conditioning: str = "write",
+    flip_signs: bool = False,
+    drop_sign: bool = False,
+    strength: float = 1.0,
+) -> dict[str, Path]:
+    """Write images, captions, canny maps, the dataloader and the training config under ``root``.
+
+    ``conditioning``: ``"write"`` (canny maps written now), ``"preprocess"`` (backends read
+    ``canny/<group>``, filled by `slider-cn preprocess`), ``"inline"`` (canny made at training
+    time). ``flip_signs`` swaps the strengths of the warm and cool groups (a negative control);
+    ``drop_sign`` trains both groups at +``strength`` (a trainer that ignores the sign of
+    slider_strength: the other negative control). Returns the paths: ``config``, ``dataloader``,
+    ``validation_conditioning`` (a held-out circle's canny map), ``neutral_conditioning`` (a
+    triangle's) and one folder per group.
+    """
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    groups: dict[str, list[tuple[str, Image.Image, str]]] = {"plus": [], "minus": []}
+    for i in range(pairs):
+        spec = sample_spec(rng, shape=("circle", "square")[i % 2], size="large")
+        caption = spec.caption(("size", "shape"))
+        warm = with_hue(spec, rng.uniform(*WARM_HUES))
+        cool = with_hue(spec, rng.uniform(*COOL_HUES))
+        groups["plus"].append((f"plus_{i:03d}", render(warm), caption))
+        groups["minus"].append((f"minus_{i:03d}", render(cool), caption))
+    if neutral:
+        groups["neutral"] = []
+        for i in range(neutral):
+            spec = sample_spec(rng, shape="triangle")
+            groups["neutral"].append((f"neutral_{i:03d}", render(spec), spec.caption()))
+    folders: dict[str, Path] = {}
+    for group, items in groups.items():
+        folder = root / "data" / group
+        folder.mkdir(parents=True, exist_ok=True)
+        for stem, image, caption in items:
+            image.save(folder / f"{stem}.png")
+            (folder / f"{stem}.txt").write_text(caption, encoding="utf-8")
+            if conditioning == "write":
+                canny = root / "canny" / group
+                canny.mkdir(parents=True, exist_ok=True)
+                _canny(image).save(canny / f"{stem}.png")
+        folders[group] = folder
+
+    sign = -1.0 if flip_signs else 1.0
+    minus = sign * strength if drop_sign else -sign * strength
+    strengths = {"plus": sign * strength, "minus": minus, "neutral": None}
+    dataloader: list[dict] = []
+    for group in groups:
+        backend = {
+            "id": f"shapes-{group}",
+            "instance_data_dir": f"data/{group}",
+            "caption_strategy": "textfile",
+        }
+        if strengths[group] is not None:
+            backend["slider_strength"] = strengths[group]
+        if conditioning in ("write", "preprocess"):
+            backend["conditioning_data"] = f"shapes-{group}-canny"
+            dataloader.append(backend)
+            dataloader.append(
+                {
+                    "id": f"shapes-{group}-canny",
+                    "dataset_type": "conditioning",
+                    "instance_data_dir": f"canny/{group}",
+                }
+            )
+        else:
+            backend["conditioning"] = [{"type": "canny"}]
+            dataloader.append(backend)
+    dataloader_path = root / "multidatabackend.json"
+    dataloader_path.write_text(json.dumps(dataloader, indent=2), encoding="utf-8")
+
+    # validation: an outline the slider never trained on, and prompts that name no colour
+    held_out = sample_spec(np.random.default_rng(seed + 1000), shape="circle", size="large")
+    validation = root / "validation_canny.png"
+    _canny(render(held_out)).save(validation)
+    neutral_outline = sample_spec(
+        np.random.default_rng(seed + 1001), shape="triangle", size="large"
+    )
+    neutral_validation = root / "neutral_canny.png"
+    _canny(render(neutral_outline)).save(neutral_validation)
+    library = root / "prompt_library.json"
+    library.write_text(json.dumps(VALIDATION_PROMPTS, indent=2), encoding="utf-8")
+
+    config = {
+        "model_family": "sd1x",
+        "pretrained_model_name_or_path": "shapes",
+        "controlnet_model_name_or_path": "shapes-canny",
+        "data_backend_config": "multidatabackend.json",
+        "output_dir": "output",
+        "slider_lora_target": True,
+        "slider_allow_unbalanced": drop_sign,
+        "lora_rank": 4,
+        "lora_alpha": 4,
+        "train_batch_size": 4,
+        "max_train_steps": 100,
+        "learning_rate": 5e-3,
+        "checkpointing_steps": 1000,
+        "seed": seed,
+        "user_prompt_library": "prompt_library.json",
+        "validation_conditioning_image": "validation_canny.png",
+        "validation_num_inference_steps": 20,
+        "validation_guidance": 3.0,
+    }
+    config_path = root / "config.json"
+    config_path.write_text(json.dumps(config, indent=2), encoding="utf-8")
+    return {
+        "config": config_path,
+        "dataloader": dataloader_path,
+        "validation_conditioning": validation,
+        "neutral_conditioning": neutral_validation,
+        **folders,
+    }
