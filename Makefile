@@ -24,12 +24,14 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-# CPU benchmarks against plain diffusers + peft / controlnet-aux loops (a few minutes);
+# CPU benchmarks against plain diffusers + peft / controlnet-aux loops, and the slider-quality
+# table of the step semantics on the shapes model (several minutes);
 # bench/gpu.sh is the GPU one.
 bench: $(STAMP)
 	$(BIN)/python bench/train_step.py
 	$(BIN)/python bench/cache.py
 	$(BIN)/python bench/preprocess.py
+	$(BIN)/python bench/quality.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

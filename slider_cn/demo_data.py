@@ -1,4 +1,6 @@
-"""A small synthetic contrastive dataset: the embedded default that `make demo` and tests use.
+"""A small synthetic contrastive dataset for the `tiny` model: what the mechanical tests train on.
+
+(`make demo` uses the shapes world instead: slider_cn/shapes/dataset.py.)
 
 The concept is "circle size": positive images hold a large bright disc, negative a small dim one,
 both captioned alike (the contrast is in the pictures, the strength picks the direction);

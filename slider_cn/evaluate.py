@@ -286,7 +286,19 @@ def _preservation(measured, values, strengths, zero, chosen) -> dict[str, Any]:
             {"strength": s, "mean_abs": float(np.nanmean(np.abs(v[i] - v[zero])))}
             for i, s in enumerate(strengths)
         ]
-    return {"mask_iou": ious, "untouched_attributes": list(drift), "drift": drift}
+    own = values[chosen]
+    attribute_drift = [
+        {"strength": s, "mean_abs": float(np.nanmean(np.abs(own[i] - own[zero])))}
+        for i, s in enumerate(strengths)
+    ]
+    return {
+        "mask_iou": ious,
+        "untouched_attributes": list(drift),
+        "drift": drift,
+        # how far each picture's own attribute moved from its s = 0 picture: on content the
+        # slider should leave alone (a neutral prompt), this is the number to keep small
+        "attribute_drift": attribute_drift,
+    }
 
 
 def _stack(rows: list[Image.Image]) -> Image.Image:

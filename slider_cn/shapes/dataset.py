@@ -2,8 +2,9 @@
 
 Each positive picture has a negative twin with the same outline, size, position and caption
 and a cool hue instead of a warm one, so the only thing the slider can learn is warmth.
-Optional neutral pictures (triangles of any hue, captioned with their colour) are the content a
-`preserve` slider should leave alone. The canny maps the ControlNet needs are read from
+Optional neutral pictures (triangles of any hue, captioned like the pairs, without a colour
+word) are the content a `preserve` slider should leave alone: without them the warmth slider
+would move triangles too. The canny maps the ControlNet needs are read from
 ``canny/<group>`` (for `slider-cn preprocess --detector canny --input data --output canny` to
 fill), written directly (``conditioning="write"``), or asked for inline.
 """
@@ -63,7 +64,8 @@ def write_shapes_slider_dataset(
         groups["neutral"] = []
         for i in range(neutral):
             spec = sample_spec(rng, shape="triangle")
-            groups["neutral"].append((f"neutral_{i:03d}", render(spec), spec.caption()))
+            caption = spec.caption(("size", "shape"))  # no colour word, as the pairs
+            groups["neutral"].append((f"neutral_{i:03d}", render(spec), caption))
     folders: dict[str, Path] = {}
     for group, items in groups.items():
         folder = root / "data" / group

@@ -3,8 +3,9 @@ bench/quality.py share.
 
 `train_and_measure(root, ...)` writes the warm/cool dataset (slider_cn.shapes.dataset), trains
 a slider with slider-cn's own `train()` and evaluates it with slider_cn.evaluate over the
-dataset's prompts and the held-out outline. `neutral_drift` measures the same slider on the
-neutral content (triangles named by colour), which a `preserve` slider should leave alone.
+dataset's prompts and the held-out outline. With ``neutral_prompts`` it also evaluates the same
+slider on the neutral content (a held-out triangle's outline), which a `preserve` slider should
+leave alone.
 """
 
 from __future__ import annotations
