@@ -155,3 +155,32 @@ def test_the_canny_controlnet_holds_the_outline():
 COLOUR_ACCURACY_BOUND = 0.85
 SHAPE_ACCURACY_BOUND = 0.85
 CONTROLNET_IOU_BOUND = 0.75
+
+
+@pytest.mark.slow
+def test_pretrain_script_writes_loadable_folders_and_resumes_by_stage(tmp_path):
+    """The command that made the shipped weights, at a few steps: the same kind of output."""
+    from diffusers import ControlNetModel, StableDiffusionPipeline
+    from safetensors import safe_open
+
+    from slider_cn.shapes.pretrain import main
+
+    small = ["--vae-steps", "3", "--pool-size", "128", "--unet-steps", "3"]
+    small += ["--controlnet-steps", "3", "--eval-seeds", "1", "--eval-steps", "2"]
+    assert main(["--output", str(tmp_path), "--device", "cpu", *small]) == 0
+    report = json.loads((tmp_path / "pretrain_report.json").read_text())
+    assert {"colour_accuracy", "shape_accuracy", "controlnet_mask_iou_mean"} <= set(report)
+    assert report["settings"]["unet_steps"] == 3
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "base")
+    assert pipe.unet.config.addition_embed_type == "text"
+    assert pipe.tokenizer.unk_token_id not in pipe.tokenizer("a red circle").input_ids
+    ControlNetModel.from_pretrained(tmp_path / "canny")
+    with safe_open(str(tmp_path / "canny" / "diffusion_pytorch_model.safetensors"), "pt") as f:
+        assert json.loads(f.metadata()["slider_cn.shapes.settings"])["controlnet_steps"] == 3
+
+    # a rerun continues from the saved stages instead of training again
+    stages = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "stages").iterdir()}
+    assert set(stages) == {"vae.safetensors", "base.safetensors", "controlnet.safetensors"}
+    assert main(["--output", str(tmp_path), "--device", "cpu", *small]) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "stages").iterdir()} == stages
+    assert "unet_s" not in json.loads((tmp_path / "pretrain_report.json").read_text())["seconds"]

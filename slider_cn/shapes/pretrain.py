@@ -99,6 +99,14 @@ def _lr_lambda(steps: int, warmup: int = 100):
     return factor
 
 
+def _noised(scheduler, x0: torch.Tensor, generator: torch.Generator):
+    """Noise drawn from ``generator`` at uniform timesteps; the v-prediction target."""
+    noise = torch.randn(x0.shape, generator=generator).to(x0.device)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (len(x0),), generator=generator)
+    t = t.to(x0.device)
+    return scheduler.add_noise(x0, noise, t), t, scheduler.get_velocity(x0, noise, t)
+
+
 # --- stages ----------------------------------------------------------------------------------
 def train_vae(settings: PretrainSettings, device: torch.device):
     torch.manual_seed(settings.seed)
@@ -146,20 +154,14 @@ def train_base(settings, device, tokenizer, latents, specs, scheduler):
     ema_text = EMAModel(text_encoder.parameters(), decay=settings.ema_decay, use_ema_warmup=True)
     rng = np.random.default_rng(settings.seed + 4)
     generator = torch.Generator().manual_seed(settings.seed + 5)
-    alphas = scheduler.alphas_cumprod
     bar = tqdm(range(settings.unet_steps), desc="unet + text encoder", mininterval=5)
     for _ in bar:
         index = rng.integers(len(specs), size=settings.unet_batch)
         x0 = latents[index].to(device)
         captions = [training_caption(specs[i], rng, settings.caption_dropout) for i in index]
-        noise = torch.randn(x0.shape, generator=generator).to(device)
-        t = torch.randint(0, 1000, (len(index),), generator=generator)
-        a = alphas[t].sqrt().view(-1, 1, 1, 1).to(device)
-        s = (1 - alphas[t]).sqrt().view(-1, 1, 1, 1).to(device)
-        noisy = a * x0 + s * noise
-        target = a * noise - s * x0  # v
+        noisy, t, target = _noised(scheduler, x0, generator)
         hidden = text_encoder(_tokens(tokenizer, captions, device))[0]
-        prediction = unet(noisy, t.to(device), hidden).sample
+        prediction = unet(noisy, t, hidden).sample
         loss = F.mse_loss(prediction, target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -187,7 +189,6 @@ def train_controlnet(
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(settings.controlnet_steps))
     rng = np.random.default_rng(settings.seed + 7)
     generator = torch.Generator().manual_seed(settings.seed + 8)
-    alphas = scheduler.alphas_cumprod
     bar = tqdm(range(settings.controlnet_steps), desc="controlnet", mininterval=5)
     for _ in bar:
         index = rng.integers(len(specs), size=settings.controlnet_batch)
@@ -196,18 +197,13 @@ def train_controlnet(
         captions = [
             training_caption(specs[i], rng, settings.controlnet_caption_dropout) for i in index
         ]
-        noise = torch.randn(x0.shape, generator=generator).to(device)
-        t = torch.randint(0, 1000, (len(index),), generator=generator)
-        a = alphas[t].sqrt().view(-1, 1, 1, 1).to(device)
-        s = (1 - alphas[t]).sqrt().view(-1, 1, 1, 1).to(device)
-        noisy = a * x0 + s * noise
-        target = a * noise - s * x0
+        noisy, t, target = _noised(scheduler, x0, generator)
         with torch.no_grad():
             hidden = text_encoder(_tokens(tokenizer, captions, device))[0]
-        down, mid = controlnet(noisy, t.to(device), hidden, controlnet_cond=cond, return_dict=False)
+        down, mid = controlnet(noisy, t, hidden, controlnet_cond=cond, return_dict=False)
         prediction = unet(
             noisy,
-            t.to(device),
+            t,
             hidden,
             down_block_additional_residuals=down,
             mid_block_additional_residual=mid,
