@@ -196,6 +196,17 @@ def _run_preprocess(args: argparse.Namespace) -> int:
 
 
 # --- validate ----------------------------------------------------------------------------
+def _add_finished_run_arguments(p: argparse.ArgumentParser) -> None:
+    """validate and evaluate: which run, and the strengths of the sweep."""
+    p.add_argument("--config", required=True, help="the run's training config (JSON)")
+    p.add_argument("--adapter", required=True, help="the run's output folder")
+    p.add_argument(
+        "--strengths",
+        default="-1,-0.5,0,0.5,1",
+        help="comma-separated sweep strengths (default: -1,-0.5,0,0.5,1)",
+    )
+
+
 def _add_validate(subparsers) -> None:
     p = subparsers.add_parser(
         "validate",
@@ -205,13 +216,7 @@ def _add_validate(subparsers) -> None:
         "of the prompt library at its strength and as a strength sweep (same seed, strengths left "
         "to right). Any config key can be overridden as --key value.",
     )
-    p.add_argument("--config", required=True, help="the run's training config (JSON)")
-    p.add_argument("--adapter", required=True, help="the run's output folder")
-    p.add_argument(
-        "--strengths",
-        default="-1,-0.5,0,0.5,1",
-        help="comma-separated sweep strengths (default: -1,-0.5,0,0.5,1)",
-    )
+    _add_finished_run_arguments(p)
     p.add_argument(
         "--seed", type=int, help="seed of every image (default: validation_seed, else seed)"
     )
@@ -244,13 +249,7 @@ def _add_evaluate(subparsers) -> None:
         "--negative with --clip_model) and write evaluation.json, a plot and sweep grids. Any "
         "config key can be overridden as --key value.",
     )
-    p.add_argument("--config", required=True, help="the run's training config (JSON)")
-    p.add_argument("--adapter", required=True, help="the run's output folder")
-    p.add_argument(
-        "--strengths",
-        default="-1,-0.5,0,0.5,1",
-        help="comma-separated sweep strengths (default: -1,-0.5,0,0.5,1)",
-    )
+    _add_finished_run_arguments(p)
     p.add_argument("--seeds", type=_positive_int, default=4, help="seeds per prompt (default 4)")
     p.add_argument(
         "--prompt",

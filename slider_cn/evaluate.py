@@ -163,8 +163,12 @@ def evaluate_run(
     measure: Any = None,
     attribute: str | None = None,
     assistant: Any = None,
+    label: str | None = None,
 ) -> EvaluationResult:
-    """Render, measure and report a strength sweep of ``adapter``; see the module docstring."""
+    """Render, measure and report a strength sweep of ``adapter``; see the module docstring.
+
+    ``label`` names the run in the plot's title (default: the output folder's name).
+    """
     strengths = sorted(float(s) for s in strengths)
     if len(strengths) < 3:
         raise ConfigError("--strengths: evaluation needs at least three strengths")
@@ -242,7 +246,7 @@ def evaluate_run(
         report["preservation"] = _preservation(measured, values, strengths, zero, chosen)
     report_path = folder / "evaluation.json"
     plot = folder / "evaluation.png"
-    _plot(plot, strengths, v, seeds, chosen, config)
+    _plot(plot, strengths, v, seeds, chosen, label or folder.name)
     report["files"] = {"plot": plot.name, "grids": {k: p.name for k, p in grids.items()}}
     report_path.write_text(json.dumps(report, indent=2), encoding="utf-8")
     return EvaluationResult(folder, report, plot, grids)
@@ -311,7 +315,7 @@ def _stack(rows: list[Image.Image]) -> Image.Image:
     return sheet
 
 
-def _plot(path: Path, strengths, v: np.ndarray, seeds, attribute: str, config) -> None:
+def _plot(path: Path, strengths, v: np.ndarray, seeds, attribute: str, label: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -328,9 +332,7 @@ def _plot(path: Path, strengths, v: np.ndarray, seeds, attribute: str, config) -
     ax.set_xticks(strengths, [strength_label(s) for s in strengths])
     ax.axvline(0, color="grey", lw=0.5)
     ax.grid(alpha=0.3)
-    ax.set_title(
-        f"{attribute} against slider strength ({Path(config.output_dir).name})", fontsize=10
-    )
+    ax.set_title(f"{attribute} against slider strength ({label})", fontsize=10)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     fig.savefig(path)
@@ -369,7 +371,7 @@ def evaluate_output(
             "with --positive TEXT and --negative TEXT"
         )
     if prompts:
-        entries = [ValidationPrompt(f"prompt{i}", p, 1.0) for i, p in enumerate(prompts)]
+        entries = [ValidationPrompt(p, p, 1.0) for p in prompts]  # files named after the text
     else:
         entries = prompt_library(config)
     run = rebuild_run(config, adapter_dir, check_conditioning=True)
@@ -387,6 +389,7 @@ def evaluate_output(
         measure=measure,
         attribute=attribute,
         assistant=run.assistant,
+        label=Path(adapter_dir).resolve().name,
     )
 
 
