@@ -273,7 +273,10 @@ class TrainConfig(BaseModel):
 
     @property
     def is_shapes(self) -> bool:
-        return self.pretrained_model_name_or_path == "shapes"
+        """The shipped shapes model, by its name or its folder's path."""
+        from slider_cn.shapes import builtin_name
+
+        return builtin_name(self.pretrained_model_name_or_path) == "shapes"
 
     @property
     def cache_path(self) -> Path:

@@ -4,10 +4,10 @@ For every prompt (``--prompt``, else the run's validation prompts) and seed, the
 image per strength (default -1, -0.5, 0, 0.5, 1) with its ControlNet and conditioning image when
 it has them, and measures each image:
 
-- on the `shapes` model, the shapes world's attributes (``slider_cn.shapes.measure``): hue,
-  warmth, brightness, size, position, fill. The slider's attribute is ``--attribute`` or the one
-  it moves most (the largest difference between the extreme strengths, in units of that
-  attribute's spread at s = 0);
+- on the `shapes` model, the shapes world's attributes (``slider_cn.shapes.measure``): warmth
+  (the hue as one number), value (brightness), saturation, area, position and fill. The slider's attribute is ``--attribute`` or the one
+  it moves most (the largest difference between the extreme strengths, as a share of that
+  attribute's range);
 - on other models, with a local CLIP folder (``--clip_model``), the CLIP score difference
   between the ``--positive`` and ``--negative`` concept texts, as Concept Sliders reports it.
 
@@ -79,12 +79,33 @@ def _stats(values: np.ndarray) -> dict[str, float]:
     return {"mean": float(finite.mean()), "std": float(finite.std()), "n": int(finite.size)}
 
 
+def sweep_strengths(strengths: Sequence[float]) -> list[float]:
+    """The sorted strengths of an evaluation; at least three, 0 among them."""
+    values = sorted({float(s) for s in strengths})
+    if len(values) < 3 or 0.0 not in values:
+        raise ConfigError(
+            "--strengths: evaluation needs at least three strengths, 0 among them (the base "
+            "picture every other strength is compared with), e.g. -1,-0.5,0,0.5,1"
+        )
+    return values
+
+
 # --- measures ------------------------------------------------------------------------------
 class ShapesMeasure:
     """The shapes world's attributes of each image, and its shape mask for preservation."""
 
     kind = "shapes"
     names = SHAPES_ATTRIBUTES
+    # the span each attribute can take in the shapes world (area: a shape covers up to ~half)
+    ranges = {
+        "warmth": 2.0,
+        "value": 1.0,
+        "saturation": 1.0,
+        "area": 0.5,
+        "cx": 1.0,
+        "cy": 1.0,
+        "fill": 0.5,
+    }
 
     def __call__(self, images: list[Image.Image]) -> list[dict[str, Any]]:
         from slider_cn.shapes.measure import measure, shape_mask
@@ -136,15 +157,18 @@ def _features(output: Any) -> Any:
 
 
 # --- the sweep -----------------------------------------------------------------------------
-def _choose_attribute(values: dict[str, np.ndarray], strengths: list[float], names) -> str:
-    """The attribute the slider moves most, in units of its spread at the middle strength."""
+def _choose_attribute(values: dict[str, np.ndarray], strengths: list[float], measure) -> str:
+    """The attribute the slider moves most, as a share of that attribute's range.
+
+    (A share of the range, not of the spread at s = 0: with a ControlNet the geometry hardly
+    varies between seeds, and a one-pixel shift would look like a huge effect.)
+    """
     low, high = int(np.argmin(strengths)), int(np.argmax(strengths))
-    middle = int(np.argmin(np.abs(strengths)))
-    best, best_score = names[0], -1.0
-    for name in names:
+    ranges = getattr(measure, "ranges", {})
+    best, best_score = measure.names[0], -1.0
+    for name in measure.names:
         v = values[name]  # (strengths, prompts, seeds)
-        spread = np.nanstd(v[middle]) + 1e-6
-        score = abs(np.nanmean(v[high]) - np.nanmean(v[low])) / spread
+        score = abs(np.nanmean(v[high]) - np.nanmean(v[low])) / ranges.get(name, 1.0)
         if np.isfinite(score) and score > best_score:
             best, best_score = name, float(score)
     return best
@@ -169,9 +193,7 @@ def evaluate_run(
 
     ``label`` names the run in the plot's title (default: the output folder's name).
     """
-    strengths = sorted(float(s) for s in strengths)
-    if len(strengths) < 3:
-        raise ConfigError("--strengths: evaluation needs at least three strengths")
+    strengths = sweep_strengths(strengths)
     seeds = [int(s) for s in seeds]
     measure = measure or ShapesMeasure()
     if attribute is not None and attribute not in measure.names:
@@ -197,8 +219,8 @@ def evaluate_run(
             sweep_grid([(s, rendered[i][j][k]) for i, s in enumerate(strengths)])
             for k in range(len(seeds))
         ]
-        grids[prompt.name] = folder / f"{stem}_sweep.png"
-        _stack(rows).save(grids[prompt.name])
+        grids[stem] = folder / f"{stem}_sweep.png"  # the file stem: unique, unlike names
+        _stack(rows).save(grids[stem])
 
     names = measure.names
     values = {
@@ -211,10 +233,10 @@ def evaluate_run(
         )
         for name in names
     }  # (strengths, prompts, seeds)
-    chosen = attribute or _choose_attribute(values, strengths, names)
+    chosen = attribute or _choose_attribute(values, strengths, measure)
     v = values[chosen]
     means = [float(np.nanmean(v[i])) for i in range(len(strengths))]
-    zero = int(np.argmin(np.abs(strengths)))
+    zero = strengths.index(0.0)
     per_seed = [
         spearman(strengths, [np.nanmean(v[i, :, k]) for i in range(len(strengths))])
         for k in range(len(seeds))
@@ -248,8 +270,19 @@ def evaluate_run(
     plot = folder / "evaluation.png"
     _plot(plot, strengths, v, seeds, chosen, label or folder.name)
     report["files"] = {"plot": plot.name, "grids": {k: p.name for k, p in grids.items()}}
-    report_path.write_text(json.dumps(report, indent=2), encoding="utf-8")
+    report_path.write_text(json.dumps(_finite(report), indent=2, allow_nan=False), encoding="utf-8")
     return EvaluationResult(folder, report, plot, grids)
+
+
+def _finite(value: Any) -> Any:
+    """NaN (an undefined Spearman, no shape found) as null: strict JSON has no NaN."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _slides_both_ways(negative: float, positive: float, share: float = 0.1) -> bool:
@@ -356,6 +389,7 @@ def evaluate_output(
     """``slider-cn evaluate``: rebuild a finished run and measure its strength sweep."""
     from slider_cn.validate import rebuild_run
 
+    strengths = sweep_strengths(strengths)  # before any model loads
     if clip_model:
         if not positive or not negative:
             raise ConfigError(
@@ -407,8 +441,8 @@ def summary_lines(result: EvaluationResult) -> list[str]:
     preservation = report.get("preservation")
     if preservation:
         ious = preservation["mask_iou"]
-        worst = min(r["mean"] for r in ious)
         lines.append(
-            f"outline held: mask IoU with the s=0 image {worst:.2f} at worst (mean over images)"
+            f"outline held: mean mask IoU with the s=0 picture >= {min(r['mean'] for r in ious):.2f} "
+            f"at every strength (worst single picture {min(r['min'] for r in ious):.2f})"
         )
     return lines

@@ -12,7 +12,14 @@ from PIL import Image
 from slider_cn.cli import main
 from slider_cn.config import load_config
 from slider_cn.demo_data import write_demo_dataset
-from slider_cn.evaluate import ClipMeasure, _slides_both_ways, evaluate_run, spearman
+from slider_cn.evaluate import (
+    ClipMeasure,
+    _finite,
+    _slides_both_ways,
+    evaluate_run,
+    spearman,
+    sweep_strengths,
+)
 from slider_cn.train import train
 from slider_cn.validate import SweepRenderer, ValidationPrompt
 
@@ -26,6 +33,12 @@ def test_spearman_and_both_ways():
     assert not _slides_both_ways(0.02, 0.9)  # one side only
     assert not _slides_both_ways(-0.3, 0.9)  # backwards on one side
     assert not _slides_both_ways(0.0, 0.0)
+    # undefined figures are written as null (strict JSON has no NaN)
+    assert (
+        json.dumps(_finite({"a": [math.nan, 1.0], "b": math.inf}))
+        == '{"a": [null, 1.0], "b": null}'
+    )
+    assert sweep_strengths([1, -1, 0, 0.5, 0]) == [-1.0, 0.0, 0.5, 1.0]
 
 
 def tiny_clip(folder):
@@ -118,11 +131,59 @@ def test_clip_scored_sweep_report_plot_and_grids(tiny_run, tmp_path):
             assert image.width == 3 * 64 and image.height > 3 * 64, name
 
 
-def test_evaluate_command_line_errors(tiny_run, capsys):
+def test_evaluate_command_line_errors(tiny_run, tmp_path, capsys):
     paths, config, result = tiny_run
     args = ["evaluate", "--config", str(paths["config"]), "--adapter", str(result.output_dir)]
     assert main([*args, "--validation_prompt", "a circle"]) == 2
     assert "--clip_model" in capsys.readouterr().err
     assert main([*args, "--clip_model", "somewhere"]) == 2
     assert "--positive" in capsys.readouterr().err
-    assert main([*args, "--strengths", "0,1"]) == 2
+    clip = str(tiny_clip(tmp_path / "clip"))
+    scored = [*args, "--clip_model", clip, "--positive", "a", "--negative", "b", "--prompt", "c"]
+    for strengths in ("0,1", "-1,-0.5,0.5,1"):  # too few; no s = 0 to compare with
+        assert main([*scored, "--strengths", strengths]) == 2
+        assert "--strengths" in capsys.readouterr().err
+
+
+def test_evaluate_cli_writes_strict_json_and_a_grid_per_prompt(tiny_run, tmp_path, capsys):
+    paths, config, result = tiny_run
+    clip = str(tiny_clip(tmp_path / "clip"))
+    code = main(
+        [
+            "evaluate",
+            "--config",
+            str(paths["config"]),
+            "--adapter",
+            str(result.output_dir),
+            "--clip_model",
+            clip,
+            "--positive",
+            "a circle",
+            "--negative",
+            "a square",
+            "--prompt",
+            "a circle",
+            "--prompt",
+            "a circle",  # the same prompt twice: two grids, both reported
+            "--seeds",
+            "2",
+            "--strengths",
+            "-1,0,1",
+            "--validation_num_inference_steps",
+            "2",
+            "--output",
+            str(tmp_path / "eval"),
+        ]
+    )
+    assert code == 0
+    out = capsys.readouterr().out
+    report = json.loads(
+        (tmp_path / "eval" / "evaluation.json").read_text(),
+        parse_constant=lambda name: pytest.fail(f"non-standard JSON constant {name}"),
+    )
+    grids = report["files"]["grids"]
+    assert len(grids) == 2 and len(set(grids.values())) == 2
+    for name in grids.values():
+        assert (tmp_path / "eval" / name).is_file() and name in out
+    # two seeds: a per-seed Spearman can be undefined (NaN), and is written as null
+    assert all(v is None or -1 <= v <= 1 for v in report["monotonicity"]["spearman_per_seed"])

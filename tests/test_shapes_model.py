@@ -33,10 +33,11 @@ def test_shipped_weights_are_small_fp16_safetensors_with_their_settings():
 
     from slider_cn.shapes import WEIGHTS
 
-    files = sorted(WEIGHTS.glob("*/**/*.safetensors"))
+    files = sorted([*WEIGHTS.glob("base/*/*.safetensors"), *WEIGHTS.glob("canny/*.safetensors")])
     assert {f.parent.name for f in files} >= {"unet", "vae", "text_encoder"}
     assert any(f.parent.name == "canny" for f in files)
-    total = sum(f.stat().st_size for f in WEIGHTS.rglob("*") if f.is_file())
+    shipped = [*WEIGHTS.glob("*.json"), *WEIGHTS.glob("base/**/*"), *WEIGHTS.glob("canny/*")]
+    total = sum(f.stat().st_size for f in shipped if f.is_file())
     assert total < 30 * 2**20
     for f in files:
         with safe_open(str(f), "pt") as handle:
@@ -178,9 +179,16 @@ def test_pretrain_script_writes_loadable_folders_and_resumes_by_stage(tmp_path):
     with safe_open(str(tmp_path / "canny" / "diffusion_pytorch_model.safetensors"), "pt") as f:
         assert json.loads(f.metadata()["slider_cn.shapes.settings"])["controlnet_steps"] == 3
 
-    # a rerun continues from the saved stages instead of training again
+    assert report["trained_now"] == {"vae": True, "base": True, "controlnet": True}
+
+    # a rerun continues from the saved stages; a changed setting retrains what depends on it
     stages = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "stages").iterdir()}
     assert set(stages) == {"vae.safetensors", "base.safetensors", "controlnet.safetensors"}
     assert main(["--output", str(tmp_path), "--device", "cpu", *small]) == 0
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "stages").iterdir()} == stages
-    assert "unet_s" not in json.loads((tmp_path / "pretrain_report.json").read_text())["seconds"]
+    report = json.loads((tmp_path / "pretrain_report.json").read_text())
+    assert report["trained_now"] == {"vae": False, "base": False, "controlnet": False}
+    small[small.index("--controlnet-steps") + 1] = "2"
+    assert main(["--output", str(tmp_path), "--device", "cpu", *small]) == 0
+    report = json.loads((tmp_path / "pretrain_report.json").read_text())
+    assert report["trained_now"] == {"vae": False, "base": False, "controlnet": True}

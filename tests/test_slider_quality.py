@@ -92,5 +92,5 @@ def test_a_slider_trained_without_its_minus_sign_fails_the_check(runs):
     of slider_strength) learn no direction, and the check that passes the real slider fails."""
     report = runs("sign_dropped")
     assert report["effect_size"] < EFFECT_BOUND / 2, warmth_curve(report)
-    with pytest.raises(AssertionError):
-        assert_slides(report)
+    assert report["monotonicity"]["spearman"] < 0.9, warmth_curve(report)
+    assert not report["slides_both_ways"], report["effect_sides"]

@@ -17,10 +17,10 @@ NATIVE_RESOLUTION = 32
 
 
 def builtin_model(name: str) -> Path | None:
-    """The folder of a built-in model name, or None for any other name or path."""
+    """The folder of a built-in model, given by its name or as that folder's path; else None."""
     path = BUILTIN_MODELS.get(name)
     if path is None:
-        return None
+        return _builtin_folder(name)
     if not path.is_dir():
         raise FileNotFoundError(
             f"the built-in model {name!r} is missing from the installation ({path}); reinstall "
@@ -28,3 +28,19 @@ def builtin_model(name: str) -> Path | None:
             f"{WEIGHTS}`"
         )
     return path
+
+
+def builtin_name(name_or_path: str) -> str | None:
+    """`shapes` / `shapes-canny` for the name or the shipped folder's path; else None."""
+    if name_or_path in BUILTIN_MODELS:
+        return name_or_path
+    folder = _builtin_folder(name_or_path)
+    return next((k for k, v in BUILTIN_MODELS.items() if folder == v.resolve()), None)
+
+
+def _builtin_folder(path: str) -> Path | None:
+    try:
+        resolved = Path(path).expanduser().resolve()
+    except (OSError, RuntimeError):
+        return None
+    return resolved if any(resolved == v.resolve() for v in BUILTIN_MODELS.values()) else None

@@ -2,8 +2,9 @@
 
     python -m slider_cn.shapes.pretrain --output slider_cn/shapes/weights
 
-Four stages, each saved under ``<output>/stages`` so an interrupted run continues from the last
-finished one: the VAE (reconstruction + KL), the text encoder and UNet together (v-prediction,
+Four stages, each saved under ``<output>/stages`` (or ``--stages``; not part of the package) so
+an interrupted run continues from the last finished one, and a stage is trained again only when
+a setting it depends on changed: the VAE (reconstruction + KL), the text encoder and UNet together (v-prediction,
 caption dropout for classifier-free guidance, EMA weights), the canny ControlNet on the frozen
 base, then the evaluation (caption accuracy of the base, outline IoU of the ControlNet), written
 to ``<output>/pretrain_report.json``. The same script runs on a CPU or a GPU (``--device``)
@@ -290,37 +291,59 @@ def _contact_sheet(images, columns: int):
     return sheet
 
 
-# --- saving ----------------------------------------------------------------------------------
-def _stage_file(output: Path, name: str) -> Path:
-    return output / "stages" / f"{name}.safetensors"
+# --- stages ----------------------------------------------------------------------------------
+# The settings each stage's result depends on (by name or prefix): a saved stage is reused only
+# when these match, so changing --unet-steps retrains the UNet and the ControlNet, not the VAE.
+STAGE_SETTINGS: dict[str, tuple[str, ...]] = {
+    "vae": ("seed", "vae_"),
+    "base": ("seed", "vae_", "pool_size", "unet_", "caption_dropout", "ema_decay"),
+}
+STAGE_SETTINGS["controlnet"] = (*STAGE_SETTINGS["base"], "controlnet_")
 
 
-def _save_stage(output: Path, name: str, modules: dict, extra: dict | None = None) -> None:
-    path = _stage_file(output, name)
+def _stage_settings(settings: PretrainSettings, stage: str) -> dict:
+    keys = STAGE_SETTINGS[stage]
+    return {k: v for k, v in asdict(settings).items() if any(k.startswith(p) for p in keys)}
+
+
+def _run_stage(stages: Path, name: str, settings: PretrainSettings, modules: dict, train):
+    """Load stage ``name`` from ``stages`` when it was made with the same settings; else call
+    ``train()`` (which returns the trained modules, in ``modules``' order, and its stats), save
+    it and return its stats with the seconds it took."""
+    from safetensors import safe_open
+
+    path = stages / f"{name}.safetensors"
+    wanted = _stage_settings(settings, name)
+    if path.is_file():
+        with safe_open(str(path), "pt") as handle:
+            saved = {k: json.loads(v) for k, v in (handle.metadata() or {}).items()}
+        if saved.pop("settings", None) == wanted:
+            state = load_file(str(path))
+            for prefix, module in modules.items():
+                own = {
+                    k.removeprefix(prefix + "."): v
+                    for k, v in state.items()
+                    if k.startswith(prefix + ".")
+                }
+                module.load_state_dict(own)
+                module.eval().requires_grad_(False)
+            return saved, False
+        log.info("stage %s was made with other settings: training it again", name)
+    started = time.perf_counter()
+    *trained, stats = train()
+    for module, fresh in zip(modules.values(), trained, strict=True):
+        module.load_state_dict(fresh.state_dict())
+        module.eval().requires_grad_(False)
+    stats = {**stats, "seconds": time.perf_counter() - started}
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {
         f"{prefix}.{key}": value.detach().cpu().contiguous()
         for prefix, module in modules.items()
         for key, value in module.state_dict().items()
     }
-    save_file(tensors, str(path), metadata={k: json.dumps(v) for k, v in (extra or {}).items()})
-
-
-def _load_stage(output: Path, name: str, modules: dict) -> dict | None:
-    from safetensors import safe_open
-
-    path = _stage_file(output, name)
-    if not path.is_file():
-        return None
-    state = load_file(str(path))
-    for prefix, module in modules.items():
-        own = {
-            k.removeprefix(prefix + "."): v for k, v in state.items() if k.startswith(prefix + ".")
-        }
-        module.load_state_dict(own)
-        module.eval().requires_grad_(False)
-    with safe_open(str(path), "pt") as handle:
-        return {k: json.loads(v) for k, v in (handle.metadata() or {}).items()}
+    metadata = {k: json.dumps(v) for k, v in {**stats, "settings": wanted}.items()}
+    save_file(tensors, str(path), metadata=metadata)
+    return stats, True
 
 
 def _stamp_metadata(folder: Path, metadata: dict[str, str]) -> None:
@@ -334,7 +357,9 @@ def _stamp_metadata(folder: Path, metadata: dict[str, str]) -> None:
         save_file(tensors, str(path), metadata={**own, **metadata})
 
 
-def pretrain(settings: PretrainSettings, output: Path, device: str = "cpu") -> dict:
+def pretrain(
+    settings: PretrainSettings, output: Path, device: str = "cpu", stages: Path | None = None
+) -> dict:
     output = Path(output)
     dev = torch.device(device)
     started = time.perf_counter()
@@ -342,13 +367,12 @@ def pretrain(settings: PretrainSettings, output: Path, device: str = "cpu") -> d
     tokenizer = models.build_tokenizer()
     scheduler = models.build_scheduler()
 
+    stages = Path(stages) if stages else output / "stages"
+    trained: dict[str, bool] = {}
     vae = models.build_vae().to(dev)
-    stats = _load_stage(output, "vae", {"vae": vae})
-    if stats is None:
-        t = time.perf_counter()
-        vae, stats = train_vae(settings, dev)
-        timings["vae_s"] = time.perf_counter() - t
-        _save_stage(output, "vae", {"vae": vae}, {**stats, "seconds": timings["vae_s"]})
+    stats, trained["vae"] = _run_stage(
+        stages, "vae", settings, {"vae": vae}, lambda: train_vae(settings, dev)
+    )
     specs = pool_specs(settings)
     t = time.perf_counter()
     latents, canny = encode_pool(vae, specs, dev)
@@ -358,33 +382,23 @@ def pretrain(settings: PretrainSettings, output: Path, device: str = "cpu") -> d
     latents = latents * scale
 
     unet, text_encoder = models.build_unet().to(dev), models.build_text_encoder(tokenizer).to(dev)
-    base_stats = _load_stage(output, "base", {"unet": unet, "text_encoder": text_encoder})
-    if base_stats is None:
-        t = time.perf_counter()
-        unet, text_encoder, base_stats = train_base(
-            settings, dev, tokenizer, latents, specs, scheduler
-        )
-        timings["unet_s"] = time.perf_counter() - t
-        _save_stage(
-            output,
-            "base",
-            {"unet": unet, "text_encoder": text_encoder},
-            {**base_stats, "seconds": timings["unet_s"]},
-        )
+    base_stats, trained["base"] = _run_stage(
+        stages,
+        "base",
+        settings,
+        {"unet": unet, "text_encoder": text_encoder},
+        lambda: train_base(settings, dev, tokenizer, latents, specs, scheduler),
+    )
     controlnet = models.build_controlnet(unet).to(dev)
-    cn_stats = _load_stage(output, "controlnet", {"controlnet": controlnet})
-    if cn_stats is None:
-        t = time.perf_counter()
-        controlnet, cn_stats = train_controlnet(
+    cn_stats, trained["controlnet"] = _run_stage(
+        stages,
+        "controlnet",
+        settings,
+        {"controlnet": controlnet},
+        lambda: train_controlnet(
             settings, dev, tokenizer, text_encoder, unet, latents, canny, specs, scheduler
-        )
-        timings["controlnet_s"] = time.perf_counter() - t
-        _save_stage(
-            output,
-            "controlnet",
-            {"controlnet": controlnet},
-            {**cn_stats, "seconds": timings["controlnet_s"]},
-        )
+        ),
+    )
 
     pipe = StableDiffusionPipeline(
         vae=vae,
@@ -421,6 +435,7 @@ def pretrain(settings: PretrainSettings, output: Path, device: str = "cpu") -> d
             "device": device,
             "threads": torch.get_num_threads(),
             "seconds": {**timings, "total_s": time.perf_counter() - started},
+            "trained_now": trained,
             "stages": {"vae": stats, "base": base_stats, "controlnet": cn_stats},
             "vae_scaling_factor": scale,
         }
@@ -436,6 +451,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--output", required=True, help="folder for base/, canny/ and the report")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--stages", help="folder of the finished stages, to resume from (default: OUTPUT/stages)"
+    )
     for field in fields(PretrainSettings):
         parser.add_argument(
             f"--{field.name.replace('_', '-')}", type=type(field.default), default=field.default
@@ -443,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     settings = PretrainSettings(**{f.name: getattr(args, f.name) for f in fields(PretrainSettings)})
-    report = pretrain(settings, Path(args.output), args.device)
+    report = pretrain(settings, Path(args.output), args.device, args.stages)
     print(json.dumps({k: v for k, v in report.items() if k != "settings"}, indent=2))
     return 0
 
