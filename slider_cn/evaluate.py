@@ -244,7 +244,9 @@ def evaluate_run(
     report: dict[str, Any] = {
         "measure": measure.kind,
         "attribute": chosen,
-        "attribute_chosen_by": "--attribute" if attribute else "largest standardised effect",
+        "attribute_chosen_by": "--attribute"
+        if attribute
+        else "largest change, as a share of its range",
         "strengths": strengths,
         "seeds": seeds,
         "prompts": [dataclasses.asdict(p) for p in prompts],
