@@ -259,8 +259,9 @@ class TrainConfig(BaseModel):
                 f"the shapes model is an sd1x pipeline; set model_family to 'sd1x' (got {self.model_family!r})"
             )
         if self.is_shapes and "resolution" not in self.model_fields_set:
-            # the shapes model's native size (slider_cn.shapes.NATIVE_RESOLUTION)
-            object.__setattr__(self, "resolution", 32)
+            from slider_cn.shapes import NATIVE_RESOLUTION
+
+            object.__setattr__(self, "resolution", NATIVE_RESOLUTION)
         if self.lora_type == "lycoris" and not self.lycoris_config:
             raise ValueError(
                 "lora_type 'lycoris' needs lycoris_config (a lycoris_config.json file)"

@@ -108,13 +108,13 @@ class ShapesMeasure:
     }
 
     def __call__(self, images: list[Image.Image]) -> list[dict[str, Any]]:
-        from slider_cn.shapes.measure import measure, shape_mask
+        from slider_cn.shapes.measure import measure_with_mask
 
         out = []
         for image in images:
-            m = measure(image)
+            m, mask = measure_with_mask(image)
             values = {name: getattr(m, name) for name in self.names}
-            out.append({"values": values, "found": m.found, "mask": shape_mask(image)})
+            out.append({"values": values, "found": m.found, "mask": mask})
         return out
 
 
@@ -313,23 +313,17 @@ def _preservation(measured, values, strengths, zero, chosen) -> dict[str, Any]:
         ious.append(
             {"strength": strengths[i], "mean": float(np.mean(per)), "min": float(np.min(per))}
         )
-    untouched = (
-        GEOMETRY_ATTRIBUTES if chosen in COLOUR_ATTRIBUTES else ("warmth", "value", "saturation")
-    )
-    drift = {}
-    for name in untouched:
-        if name not in values:
-            continue
-        v = values[name]
-        drift[name] = [
+    untouched = GEOMETRY_ATTRIBUTES if chosen in COLOUR_ATTRIBUTES else COLOUR_ATTRIBUTES
+
+    def drift_of(v: np.ndarray) -> list[dict[str, float]]:
+        """Per strength, the mean over pictures of |attribute - its s = 0 picture's|."""
+        return [
             {"strength": s, "mean_abs": float(np.nanmean(np.abs(v[i] - v[zero])))}
             for i, s in enumerate(strengths)
         ]
-    own = values[chosen]
-    attribute_drift = [
-        {"strength": s, "mean_abs": float(np.nanmean(np.abs(own[i] - own[zero])))}
-        for i, s in enumerate(strengths)
-    ]
+
+    drift = {name: drift_of(values[name]) for name in untouched if name in values}
+    attribute_drift = drift_of(values[chosen])
     return {
         "mask_iou": ious,
         "untouched_attributes": list(drift),

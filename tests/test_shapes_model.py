@@ -115,7 +115,7 @@ def test_the_canny_controlnet_holds_the_outline():
     from diffusers import StableDiffusionControlNetPipeline
 
     from slider_cn.families import get_family
-    from slider_cn.shapes.pretrain import CANNY
+    from slider_cn.shapes.models import canny_map
 
     config = load_config(
         None,
@@ -131,8 +131,7 @@ def test_the_canny_controlnet_holds_the_outline():
     chosen = specs(8, seed=11)
     maps = []
     for spec in chosen:
-        image = np.asarray(render(spec))
-        maps.append(torch.from_numpy(np.stack([CANNY(image, (32, 32), "")] * 3)).float() / 255)
+        maps.append(torch.from_numpy(np.stack([canny_map(render(spec))] * 3)).float() / 255)
     images = pipe(
         [spec.caption(("shape",)) for spec in chosen],
         image=torch.stack(maps),

@@ -24,9 +24,9 @@ VALIDATION_PROMPTS = {"circle": "a circle", "large_circle": "a large circle"}
 
 
 def _canny(image: Image.Image) -> Image.Image:
-    from slider_cn.shapes.pretrain import CANNY
+    from slider_cn.shapes.models import canny_map
 
-    return Image.fromarray(CANNY(np.asarray(image), image.size, ""))
+    return Image.fromarray(canny_map(image))
 
 
 def write_shapes_slider_dataset(

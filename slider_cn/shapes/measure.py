@@ -57,11 +57,18 @@ def _as_rgb(image: Image.Image | np.ndarray) -> np.ndarray:
     return array.astype(np.float32)
 
 
+def _background(rgb: np.ndarray) -> np.ndarray:
+    """The background colour: the median of the picture's one-pixel border."""
+    return np.median(np.concatenate([rgb[0], rgb[-1], rgb[:, 0], rgb[:, -1]]), axis=0)
+
+
 def shape_mask(image: Image.Image | np.ndarray) -> np.ndarray:
     """Boolean HxW mask of the largest region that differs from the background."""
     rgb = _as_rgb(image)
-    border = np.concatenate([rgb[0], rgb[-1], rgb[:, 0], rgb[:, -1]])
-    background = np.median(border, axis=0)
+    return _mask(rgb, _background(rgb))
+
+
+def _mask(rgb: np.ndarray, background: np.ndarray) -> np.ndarray:
     differs = (np.abs(rgb - background).max(axis=-1) > MASK_THRESHOLD).astype(np.uint8)
     count, labels, stats, _ = cv2.connectedComponentsWithStats(differs, connectivity=4)
     if count <= 1:
@@ -72,21 +79,26 @@ def shape_mask(image: Image.Image | np.ndarray) -> np.ndarray:
 
 def measure(image: Image.Image | np.ndarray) -> Measurement:
     """The attributes of the shape in ``image`` (PIL or HxWx3 array, uint8 or 0..1 floats)."""
+    return measure_with_mask(image)[0]
+
+
+def measure_with_mask(image: Image.Image | np.ndarray) -> tuple[Measurement, np.ndarray]:
+    """`measure` and `shape_mask` in one pass."""
     rgb = _as_rgb(image)
-    mask = shape_mask(rgb)
+    background = _background(rgb)
+    mask = _mask(rgb, background)
     area = int(mask.sum())
     if area == 0:
-        return _NOTHING
+        return _NOTHING, mask
     # the core: the mask less its one-pixel rim, where the shape blends with the background
     core = cv2.erode(mask.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
     pixels = rgb[core] if core.sum() >= 4 else rgb[mask]
-    r, g, b = (float(v) for v in pixels.mean(axis=0).clip(0.0, 1.0))
+    colour = pixels.mean(axis=0)
+    r, g, b = (float(v) for v in colour.clip(0.0, 1.0))
     hue, saturation, value = colorsys.rgb_to_hsv(r, g, b)
     hue *= 360.0
     # soft coverage: each rim pixel counts by how far it sits from the background toward the
     # shape's colour, so a box-filtered edge gives the exact area
-    colour = pixels.mean(axis=0)
-    background = np.median(np.concatenate([rgb[0], rgb[-1], rgb[:, 0], rgb[:, -1]]), axis=0)
     contrast = colour - background
     near = cv2.dilate(mask.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
     alpha = ((rgb[near] - background) @ contrast / max(float(contrast @ contrast), 1e-6)).clip(0, 1)
@@ -95,7 +107,7 @@ def measure(image: Image.Image | np.ndarray) -> Measurement:
     box = (xs.max() - xs.min() + 1) * (ys.max() - ys.min() + 1)
     fill = area / box
     shape = next(name for bound, name in _CLASS_BOUNDS if fill < bound)
-    return Measurement(
+    measurement = Measurement(
         found=True,
         hue=hue,
         saturation=saturation,
@@ -108,6 +120,7 @@ def measure(image: Image.Image | np.ndarray) -> Measurement:
         shape=shape,
         colour=colour_name(hue),
     )
+    return measurement, mask
 
 
 def mask_iou(a: np.ndarray, b: np.ndarray) -> float:

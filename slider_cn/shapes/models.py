@@ -14,17 +14,27 @@
 
 from __future__ import annotations
 
+import numpy as np
 from diffusers import AutoencoderKL, ControlNetModel, DDPMScheduler, UNet2DConditionModel
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
 
+from conditioning.canny import CannyEdges
+from slider_cn.shapes import NATIVE_RESOLUTION
 from slider_cn.shapes.world import COLOURS, SHAPES, SIZES
 
-RESOLUTION = 32
+RESOLUTION = NATIVE_RESOLUTION
 MAX_TOKENS = 12
 BOS, EOS, UNK = "<|startoftext|>", "<|endoftext|>", "<unk>"
 VOCABULARY: tuple[str, ...] = ("a", *SIZES, *COLOURS, *SHAPES)
 CONDITIONING_CHANNELS = (16, 32, 64)  # three entries: 4x down, as the VAE
+# What shapes-canny learns from: `slider-cn preprocess --detector canny` with its defaults.
+_CANNY = CannyEdges({"low_threshold": 100, "high_threshold": 200, "detect_resolution": None})
+
+
+def canny_map(image) -> np.ndarray:
+    """The HxW uint8 canny map of a PIL picture, as shapes-canny saw them in training."""
+    return _CANNY(np.asarray(image), image.size, "")
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:

@@ -29,15 +29,11 @@ from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from conditioning.canny import CannyEdges
 from slider_cn.shapes import models
 from slider_cn.shapes.measure import mask_iou, measure, shape_mask
 from slider_cn.shapes.world import COLOURS, SHAPES, ShapeSpec, render, sample_spec
 
 log = logging.getLogger("slider_cn.shapes.pretrain")
-
-# The conditioning the ControlNet learns from: `slider-cn preprocess --detector canny` defaults.
-CANNY = CannyEdges({"low_threshold": 100, "high_threshold": 200, "detect_resolution": None})
 
 
 @dataclass
@@ -139,7 +135,7 @@ def encode_pool(vae, specs: list[ShapeSpec], device: torch.device):
     for start in tqdm(range(0, len(specs), 256), desc="encode pool", mininterval=5):
         images = [render(spec) for spec in specs[start : start + 256]]
         latents.append(vae.encode(to_pixels(images).to(device)).latent_dist.mode().cpu())
-        maps = [CANNY(np.asarray(image), image.size, "") for image in images]
+        maps = [models.canny_map(image) for image in images]
         canny.append(torch.from_numpy(np.stack(maps)).unsqueeze(1).float() / 255.0)
     return torch.cat(latents), torch.cat(canny)
 
@@ -258,7 +254,7 @@ def evaluate(settings, pipe: StableDiffusionPipeline, controlnet, device) -> dic
     maps = []
     for spec in specs:
         image = render(spec)
-        edges = CANNY(np.asarray(image), image.size, "")
+        edges = models.canny_map(image)
         maps.append(torch.from_numpy(np.stack([edges] * 3)).float() / 255.0)
     cn_pipe = StableDiffusionControlNetPipeline(**pipe.components, controlnet=controlnet)
     cn_pipe.set_progress_bar_config(disable=True)
