@@ -77,10 +77,12 @@ def _run_train(args: argparse.Namespace, overrides: dict[str, str | None]) -> in
 def _dry_run(config: TrainConfig) -> int:
     from slider_cn.data.backends import training_backends
     from slider_cn.families import get_family
+    from slider_cn.train import check_conditioning
 
     # The same data checks as training (captions, pairs, balance, inline conditioning),
     # then the model components.
     backends = training_backends(config)
+    check_conditioning(config, backends)
     family = get_family(config)
     components = family.load_components()
     for role, module in components.modules().items():

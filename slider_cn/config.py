@@ -28,6 +28,7 @@ PATH_KEYS = (
     "user_prompt_library",
     "validation_conditioning_image",
     "assistant_lora_path",
+    "slider_prompts",
 )
 # Keys that are a local folder *or* a hub id: resolved only when the relative path exists.
 MODEL_KEYS = ("pretrained_model_name_or_path", "controlnet_model_name_or_path")
@@ -40,6 +41,7 @@ MUST_EXIST_KEYS = (
     "user_prompt_library",
     "validation_conditioning_image",
     "assistant_lora_path",
+    "slider_prompts",
 )
 
 
@@ -93,6 +95,10 @@ class TrainConfig(BaseModel):
     slider_neutral_mode: Literal["preserve", "regular"] = Field(
         "preserve",
         description="Neutral batches: `preserve` matches the frozen base at ±max|s|; `regular` is a plain loss at strength 1.",
+    )
+    slider_prompts: str | list[dict[str, Any]] | None = Field(
+        None,
+        description="Text sliders: a JSON file or inline list of {target, positive, negative, ...} entries (see Text sliders); trained alone or beside image backends.",
     )
     slider_allow_unbalanced: bool = Field(
         False, description="Allow positive and negative groups of different sizes."
@@ -422,7 +428,7 @@ def load_config(
 
     for key in MUST_EXIST_KEYS:
         value = getattr(config, key)
-        if value is not None and not Path(value).exists():
+        if isinstance(value, str) and not Path(value).exists():
             where = "command line" if key in cli_values else source
             raise ConfigError(f"{where}: key '{key}': file not found: {value}")
     return config

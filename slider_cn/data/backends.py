@@ -12,7 +12,9 @@ backends, in this order:
    such samples with `conditioning = None` (enough for `--plan`);
 5. pair backends that name `conditioning_data` with that backend's images by relative path
    (the extension may differ); unpaired images are an error listing them;
-6. check that the positive and negative groups hold as many samples (counting repeats).
+6. add the text-slider entries of `slider_prompts` as prompt backends (`<id>:+`, `<id>:-` and
+   `<id>:neutral`, slider_cn.data.prompts), paired with their conditioning backend's images;
+7. check that the positive and negative groups hold as many samples (counting repeats).
 
 Everything here is cheap (file names and caption files only): no image is decoded and no
 model is loaded, so `slider-cn train --dry-run --plan N` can use it.
@@ -28,6 +30,7 @@ from typing import TYPE_CHECKING
 
 from slider_cn.config import ConfigError
 from slider_cn.data.config import BackendConfig, load_backend_configs
+from slider_cn.data.prompts import PromptEntry, PromptTask, entry_tasks, load_prompt_entries
 
 if TYPE_CHECKING:
     from slider_cn.config import TrainConfig
@@ -40,9 +43,12 @@ MAX_LISTED = 20
 @dataclass(frozen=True)
 class Sample:
     """One training image: its file, its key (relative path without extension), caption and
-    the conditioning image paired with it (None when the backend has no conditioning)."""
+    the conditioning image paired with it (None when the backend has no conditioning).
 
-    path: Path
+    A prompt backend's samples have no image (``path`` None): the caption is the prompt and
+    ``conditioning`` the conditioning image the ControlNet gets with it."""
+
+    path: Path | None
     key: str
     caption: str
     conditioning: Path | None = None
@@ -60,6 +66,8 @@ class Backend:
     resolution: int = 512
     root: Path | None = None
     config: BackendConfig | None = field(default=None, repr=False)
+    # Set for the backends of a `slider_prompts` entry: what its micro-batches train.
+    prompt: PromptTask | None = None
 
     @property
     def sign(self) -> str:
@@ -179,19 +187,17 @@ def attach_conditioning(backend: Backend, index: dict[str, Path], source: str) -
 def build_backends(
     config: TrainConfig,
     backend_configs: Sequence[BackendConfig] | None = None,
+    *,
+    world_size: int = 1,
 ) -> list[Backend]:
-    """Turn the dataloader config into training backends (see the module docstring).
+    """Turn the dataloader config and `slider_prompts` into training backends (see the module
+    docstring). ``world_size`` sizes prompt entries without conditioning (one global batch).
 
     Raises ConfigError for a missing dataloader config, an empty backend, textfile captions
     without a file or fallback, unpaired images, or unbalanced positive / negative groups.
     """
     if backend_configs is None:
-        if config.data_backend_config is None:
-            raise ConfigError(
-                "data_backend_config is required to train: set it in the config or pass "
-                "--data_backend_config FILE"
-            )
-        backend_configs = load_backend_configs(config.data_backend_config)
+        backend_configs = _backend_configs(config)
     source = config.data_backend_config or "dataloader config"
     enabled = [b for b in backend_configs if not b.disabled]
     folders = {b.id: Path(b.instance_data_dir).resolve() for b in enabled}
@@ -203,6 +209,7 @@ def build_backends(
         ]
 
     by_id = {b.id: b for b in enabled}
+    entries = load_prompt_entries(config)
     backends: list[Backend] = []
     for bc in enabled:
         images = scan_images(folders[bc.id], nested_folders(bc.id))
@@ -227,8 +234,11 @@ def build_backends(
                 config=bc,
             )
         )
-    if not backends:
-        raise ConfigError(f"{source}: no enabled training backend (dataset_type 'image'); add one")
+    if not backends and not entries:
+        raise ConfigError(
+            f"{source}: no enabled training backend (dataset_type 'image'); add one, or give "
+            "text sliders in slider_prompts"
+        )
 
     errors: list[str] = []
     for backend in backends:
@@ -243,6 +253,30 @@ def build_backends(
             errors.append(f"{source}: {exc}")
     if errors:
         raise ConfigError("\n".join(errors))
+
+    taken = {b.id for b in backends}
+    for entry in entries:
+        conditioning = None
+        if entry.conditioning_data is not None:
+            ref = by_id.get(entry.conditioning_data)
+            if ref is None or ref.dataset_type != "conditioning":
+                known = [b.id for b in enabled if b.dataset_type == "conditioning"]
+                raise ConfigError(
+                    f"slider_prompts entry '{entry.id}': conditioning_data "
+                    f"'{entry.conditioning_data}' is not an enabled conditioning backend of "
+                    f"{source}{_suggest_id(entry.conditioning_data, known)}"
+                )
+            conditioning = sorted(
+                conditioning_index(folders[ref.id], ref.id, nested_folders(ref.id)).items()
+            )
+        for backend in prompt_backends(entry, conditioning, config, world_size=world_size):
+            if backend.id in taken:
+                raise ConfigError(
+                    f"slider_prompts entry '{entry.id}' makes backend '{backend.id}', which is "
+                    f"also a backend of {source}; rename the entry (key 'id')"
+                )
+            taken.add(backend.id)
+            backends.append(backend)
 
     check_balance(backends, allow_unbalanced=config.slider_allow_unbalanced, source=source)
     return backends
@@ -270,23 +304,84 @@ def check_balance(backends: Sequence[Backend], *, allow_unbalanced: bool, source
         )
 
 
-def training_backends(config: TrainConfig, *, progress: bool = True) -> list[Backend]:
+def _backend_configs(config: TrainConfig) -> list[BackendConfig]:
+    if config.data_backend_config is None:
+        if config.slider_prompts is not None:
+            return []  # a text slider without conditioning needs no dataloader config
+        raise ConfigError(
+            "data_backend_config is required to train: set it in the config or pass "
+            "--data_backend_config FILE (or give text sliders in slider_prompts)"
+        )
+    return load_backend_configs(config.data_backend_config)
+
+
+def _suggest_id(word: str, ids: list[str]) -> str:
+    from slider_cn.config import _suggest
+
+    return _suggest(word, ids) if ids else "; add a backend with dataset_type 'conditioning'"
+
+
+def prompt_backends(
+    entry: PromptEntry,
+    conditioning: list[tuple[str, Path]] | None,
+    config: TrainConfig,
+    *,
+    world_size: int = 1,
+) -> list[Backend]:
+    """The sampler backends of one text-slider entry (slider_cn.data.prompts).
+
+    ``conditioning`` is (key, image) of the entry's conditioning backend, or None. The +, -
+    and neutral backends hold the same number of samples: one per conditioning image, or one
+    global batch without conditioning.
+    """
+    pair, neutral = entry_tasks(entry)
+    if conditioning is None:
+        slots = [(f"#{i}", None) for i in range(config.train_batch_size * world_size)]
+    else:
+        slots = list(conditioning)
+    resolution = entry.resolution or config.resolution
+
+    def backend(suffix: str, strength: float, task: PromptTask, captions: list[str]) -> Backend:
+        samples = [
+            Sample(None, f"{key}@{caption}", caption, image)
+            for (key, image), caption in zip(slots, captions, strict=True)
+        ]
+        return Backend(
+            id=f"{entry.id}:{suffix}",
+            samples=samples,
+            slider_strength=strength,
+            probability=entry.probability,
+            repeats=entry.repeats,
+            resolution=resolution,
+            prompt=task,
+        )
+
+    targets = [entry.target] * len(slots)
+    made = [
+        backend("+", entry.slider_strength, pair, targets),
+        backend("-", -entry.slider_strength, pair, targets),
+    ]
+    if entry.neutral:
+        # the anchors take turns over the samples, so each is drawn as often as the others
+        anchors = [entry.neutral[i % len(entry.neutral)] for i in range(len(slots))]
+        made.append(backend("neutral", 0.0, neutral, anchors))
+    return made
+
+
+def training_backends(
+    config: TrainConfig, *, progress: bool = True, world_size: int = 1
+) -> list[Backend]:
     """The backends a run trains on: inline conditioning generated (and cached), then built.
 
     Inline `"conditioning": [{"type": "canny", ...}]` runs the preprocessing runner into
     `<cache_dir>/conditioning` (a rerun reuses what is up to date) and links the result as the
     backend's conditioning data, so the rest of the data layer sees ordinary pairs.
     """
-    if config.data_backend_config is None:
-        raise ConfigError(
-            "data_backend_config is required to train: set it in the config or pass "
-            "--data_backend_config FILE"
-        )
-    configs = load_backend_configs(config.data_backend_config)
+    configs = _backend_configs(config)
     if any(b.conditioning for b in configs if not b.disabled):
         from conditioning.inline import prepare_inline_conditioning
 
         configs = prepare_inline_conditioning(
             configs, config.cache_path / "conditioning", progress=progress
         )
-    return build_backends(config, configs)
+    return build_backends(config, configs, world_size=world_size)

@@ -22,6 +22,23 @@ from pydantic import (
 from slider_cn.config import ConfigError, _suggest, read_json
 
 
+def real_number(value: Any) -> Any:
+    """A field validator (mode "before") for strengths and weights: pydantic would read `true`
+    as 1.0 and accept NaN; neither is a meaningful number here."""
+    if isinstance(value, bool):
+        raise ValueError(f"must be a number, not {str(value).lower()}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"must be a finite number (got {value})")
+    return value
+
+
+def multiple_of_8(value: int | None) -> int | None:
+    """A field validator for resolutions."""
+    if value is not None and value % 8:
+        raise ValueError(f"must be a multiple of 8 (got {value}); try {value - value % 8 or 8}")
+    return value
+
+
 class ConditioningSpec(BaseModel):
     """Conditioning generated inline for a backend: `{"type": "canny", "params": {...}}`."""
 
@@ -65,22 +82,10 @@ class BackendConfig(BaseModel):
     )
     disabled: bool = Field(False, description="Skip this backend.")
 
-    @field_validator("slider_strength", "probability", mode="before")
-    @classmethod
-    def _real_number(cls, value: Any) -> Any:
-        # pydantic would read `true` as 1.0 and accept NaN; neither is a meaningful strength.
-        if isinstance(value, bool):
-            raise ValueError(f"must be a number, not {str(value).lower()}")
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ValueError(f"must be a finite number (got {value})")
-        return value
-
-    @field_validator("resolution")
-    @classmethod
-    def _multiple_of_8(cls, value: int | None) -> int | None:
-        if value is not None and value % 8:
-            raise ValueError(f"must be a multiple of 8 (got {value}); try {value - value % 8 or 8}")
-        return value
+    _real_number = field_validator("slider_strength", "probability", mode="before")(
+        staticmethod(lambda value: real_number(value))
+    )
+    _multiple_of_8 = field_validator("resolution")(staticmethod(lambda value: multiple_of_8(value)))
 
     @model_validator(mode="after")
     def _caption_needs_prompt(self) -> BackendConfig:

@@ -82,10 +82,11 @@ def image_pixels(path: Path, resolution: int) -> torch.Tensor:
     return TF.to_tensor(image) * 2.0 - 1.0
 
 
-def conditioning_pixels(path: Path, image_path: Path, resolution: int) -> torch.Tensor:
-    """(3, R, R) float32 in [0, 1], cropped like the training image at ``image_path``."""
+def conditioning_pixels(path: Path, image_path: Path | None, resolution: int) -> torch.Tensor:
+    """(3, R, R) float32 in [0, 1], cropped like the training image at ``image_path`` (a text
+    slider's conditioning image has no training image: it is cropped as it is)."""
     conditioning = load_image(path)
-    size = upright_size(image_path)
+    size = upright_size(image_path) if image_path is not None else conditioning.size
     if conditioning.size != size:
         conditioning = conditioning.resize(size, Image.Resampling.BILINEAR)
     return TF.to_tensor(resize_center_crop(conditioning, resolution, InterpolationMode.BILINEAR))
@@ -120,6 +121,8 @@ class Batch:
 def load_batch(plan: BatchPlan, *, pixels: bool = True, conditioning: bool = True) -> Batch:
     """Load a plan's images (``pixels``) and conditioning images (``conditioning``)."""
     samples = plan.samples
+    # a text slider's micro-batch has no training images: its x_t is generated
+    pixels = pixels and plan.prompt is None
     image_tensor = (
         torch.stack([image_pixels(s.path, plan.resolution) for s in samples]) if pixels else None
     )
@@ -127,7 +130,7 @@ def load_batch(plan: BatchPlan, *, pixels: bool = True, conditioning: bool = Tru
     paired = [s.conditioning is not None for s in samples]
     if conditioning and any(paired):
         if not all(paired):
-            missing = [str(s.path) for s in samples if s.conditioning is None]
+            missing = [str(s.path or s.key) for s in samples if s.conditioning is None]
             raise ConfigError(
                 f"backend '{plan.backend}': no conditioning image for {', '.join(missing)}"
             )

@@ -50,6 +50,7 @@ import numpy as np
 
 from slider_cn.config import ConfigError
 from slider_cn.data.backends import Backend, Sample
+from slider_cn.data.prompts import PromptTask
 
 SIGN_CYCLE = ("+", "-", "0")
 STATE_VERSION = 1
@@ -69,10 +70,16 @@ class BatchPlan:
     sign: str  # "+", "-" or "0"
     samples: tuple[Sample, ...]
     resolution: int
+    prompt: PromptTask | None = None  # set for the micro-batches of a text slider
 
     @property
     def files(self) -> list[str]:
-        return [str(s.path) for s in self.samples]
+        """The training images, or for a text slider the conditioning images it draws."""
+        return [
+            str(s.path if s.path is not None else s.conditioning)
+            for s in self.samples
+            if s.path is not None or s.conditioning is not None
+        ]
 
     @property
     def captions(self) -> list[str]:
@@ -80,7 +87,7 @@ class BatchPlan:
 
     def to_json(self) -> dict[str, Any]:
         """The line `slider-cn train --dry-run --plan N` prints."""
-        return {
+        line = {
             "step": self.step,
             "epoch": self.epoch,
             "backend": self.backend,
@@ -88,6 +95,11 @@ class BatchPlan:
             "sign": self.sign,
             "files": self.files,
         }
+        if self.prompt is not None:
+            line["prompts"] = self.prompt.to_json()
+            if self.prompt.kind == "neutral":
+                line["prompts"]["neutral"] = self.captions
+        return line
 
 
 def _rng(*entropy: int) -> np.random.Generator:
@@ -215,6 +227,7 @@ class SliderSampler:
             sign=backend.sign,
             samples=tuple(backend.samples[int(i)] for i in chosen),
             resolution=backend.resolution,
+            prompt=backend.prompt,
         )
 
     # --- iteration and position --------------------------------------------------------
