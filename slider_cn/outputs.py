@@ -57,6 +57,14 @@ def slider_metadata(config, family, targets, backends, steps: int, adapter) -> d
         "slider_cn.controlnet_model": config.controlnet_model_name_or_path or "",
         "slider_cn.neutral_mode": config.slider_neutral_mode,
         "slider_cn.steps": str(steps),
+        # the text sliders it learned, so a file says what its ends mean
+        "slider_cn.prompts": json.dumps(
+            {
+                b.prompt.entry: b.prompt.to_json()
+                for b in backends
+                if b.prompt is not None and b.prompt.kind == "pair"
+            }
+        ),
     }
 
 

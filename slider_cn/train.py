@@ -36,6 +36,7 @@ from slider_cn.targets import (
     controlnet_output_projections,
     resolve_targets,
 )
+from slider_cn.text_step import TextSliderStep, TextStepInputs
 
 log = logging.getLogger("slider_cn.train")
 
@@ -65,12 +66,21 @@ def _check_output_dir(config: TrainConfig) -> None:
         )
 
 
-def _check_conditioning(config: TrainConfig, backends) -> None:
+def check_conditioning(config: TrainConfig, backends) -> None:
     # Checked before any model is loaded: a ControlNet in the loop needs a conditioning image
     # for every training image.
     if config.training_mode != "controlnet" and not config.controlnet_model_name_or_path:
         return
-    missing = [b.id for b in backends if not b.has_conditioning]
+    missing = [b.id for b in backends if not b.has_conditioning and b.prompt is None]
+    entries = sorted(
+        {b.prompt.entry for b in backends if b.prompt is not None and not b.has_conditioning}
+    )
+    if entries:
+        raise ConfigError(
+            f"slider_prompts entr{'ies' if len(entries) > 1 else 'y'} {', '.join(entries)}: a "
+            "ControlNet in the loop needs conditioning images; set conditioning_data on each "
+            "entry to a conditioning backend of data_backend_config"
+        )
     if missing:
         what = (
             "training_mode 'controlnet'"
@@ -110,9 +120,10 @@ def _max_strength(backends) -> float:
 
 def train(config: TrainConfig) -> TrainResult:
     """Train a slider; return where its files are and the trained objects."""
-    if config.data_backend_config is None:
+    if config.data_backend_config is None and config.slider_prompts is None:
         raise ConfigError(
-            "data_backend_config is required to train: set it in the config or pass --data_backend_config FILE"
+            "data_backend_config is required to train: set it in the config or pass "
+            "--data_backend_config FILE (or give text sliders in slider_prompts)"
         )
     _check_output_dir(config)
     if config.report_to != "none" and importlib.util.find_spec(config.report_to) is None:
@@ -133,8 +144,8 @@ def train(config: TrainConfig) -> TrainResult:
     is_main = accelerator.is_main_process
 
     # --- data: validated before any model is loaded ---------------------------------------
-    backends = training_backends(config, progress=is_main)
-    _check_conditioning(config, backends)
+    backends = training_backends(config, progress=is_main, world_size=accelerator.num_processes)
+    check_conditioning(config, backends)
     sampler = SliderSampler(
         backends,
         batch_size=config.train_batch_size,
@@ -226,6 +237,14 @@ def train(config: TrainConfig) -> TrainResult:
         adapter,
         training_mode=config.training_mode,
         neutral_mode=config.slider_neutral_mode,
+        max_strength=_max_strength(backends),
+        conditioning_scale=config.controlnet_conditioning_scale,
+    )
+    text_step_fn = TextSliderStep(
+        family,
+        components,
+        adapter,
+        training_mode=config.training_mode,
         max_strength=_max_strength(backends),
         conditioning_scale=config.controlnet_conditioning_scale,
     )
@@ -321,17 +340,32 @@ def train(config: TrainConfig) -> TrainResult:
             # Pixels are read only for latents missing from the cache; the next batch's files
             # are read while this one trains (checkpoints take the position from `plan`).
             for plan, batch in prefetch_batches(sampler, pixels=False):
-                inputs = StepInputs(
-                    latents=cache.latents(batch).to(weight_dtype),
-                    cond={k: v.to(weight_dtype) for k, v in cache.text(batch.captions).items()},
-                    slider_strength=plan.slider_strength,
-                    sign=plan.sign,
-                    conditioning_pixels=None
+                conditioning_pixels = (
+                    None
                     if batch.conditioning_pixels is None
-                    else batch.conditioning_pixels.to(device, weight_dtype),
+                    else batch.conditioning_pixels.to(device, weight_dtype)
                 )
+                if plan.prompt is None:
+                    run_step = step_fn
+                    inputs = StepInputs(
+                        latents=cache.latents(batch).to(weight_dtype),
+                        cond=_cast(cache.text(batch.captions), weight_dtype),
+                        slider_strength=plan.slider_strength,
+                        sign=plan.sign,
+                        conditioning_pixels=conditioning_pixels,
+                    )
+                else:
+                    run_step = text_step_fn
+                    inputs = TextStepInputs(
+                        task=plan.prompt,
+                        cond=_cast(cache.text(_prompt_captions(plan)), weight_dtype),
+                        batch_size=len(plan.samples),
+                        resolution=plan.resolution,
+                        slider_strength=plan.slider_strength,
+                        conditioning_pixels=conditioning_pixels,
+                    )
                 with accelerator.accumulate(prepared), accelerator.autocast():
-                    result = step_fn(inputs, generator, backward=accelerator.backward)
+                    result = run_step(inputs, generator, backward=accelerator.backward)
                     if not torch.isfinite(result.loss):
                         bad_batches.append(plan)
                     if accelerator.sync_gradients:
@@ -366,6 +400,10 @@ def train(config: TrainConfig) -> TrainResult:
                     "lr": lr_scheduler.get_last_lr()[0],
                     "files": [str(f) for f in plan.files],
                 }
+                if plan.prompt is not None:
+                    # a text slider's micro-batch: which entry, and the sampler steps to x_t
+                    record["prompts"] = f"{plan.prompt.entry}:{plan.prompt.kind}"
+                    record["denoising_steps"] = result.denoising_steps
                 log_file.write(json.dumps(record) + "\n")
                 if not accelerator.sync_gradients:
                     continue
@@ -439,6 +477,19 @@ def train(config: TrainConfig) -> TrainResult:
         accelerator.end_training()
     del assistant
     return TrainResult(output_dir, global_step, family, components, adapter, files)
+
+
+def _cast(cond: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    return {k: v.to(dtype) for k, v in cond.items()}
+
+
+def _prompt_captions(plan) -> list[str]:
+    """The prompts a text-slider micro-batch encodes: target, positive and negative rows for a
+    pair (TextStepInputs' layout), or the plan's anchors."""
+    task, size = plan.prompt, len(plan.samples)
+    if task.kind == "pair":
+        return [task.target] * size + [task.positive] * size + [task.negative] * size
+    return plan.captions
 
 
 def _generator_at(state: torch.Tensor) -> torch.Generator:

@@ -195,6 +195,47 @@ class ModelFamily:
         """The clean latent implied by a prediction (used to measure the slider's effect)."""
         raise NotImplementedError
 
+    # --- sampling x_t for text sliders (slider_cn/text_step.py) ---------------------------
+    def initial_noise(
+        self, components: Components, batch: int, resolution: int, generator: torch.Generator
+    ) -> torch.Tensor:
+        """Pure noise in the latent layout training uses (B, C, R/f, R/f), drawn on the CPU
+        from ``generator`` so that it is reproducible on any device."""
+        vae = components.vae.config
+        factor = 2 ** (len(vae.block_out_channels) - 1)  # as diffusers' pipelines compute it
+        side = resolution // factor
+        return torch.randn((batch, vae.latent_channels, side, side), generator=generator)
+
+    def sampling_timesteps(
+        self, components: Components, steps: int, latents: torch.Tensor
+    ) -> torch.Tensor:
+        """``steps + 1`` timesteps from pure noise down to clean, in training's convention."""
+        raise NotImplementedError
+
+    def noise_estimate(
+        self,
+        components: Components,
+        noisy: torch.Tensor,
+        timesteps: torch.Tensor,
+        prediction: torch.Tensor,
+    ) -> torch.Tensor:
+        """The noise implied by a prediction (with ``clean_latent_estimate``, a full split)."""
+        raise NotImplementedError
+
+    def denoise_step(
+        self,
+        components: Components,
+        noisy: torch.Tensor,
+        timesteps: torch.Tensor,
+        next_timesteps: torch.Tensor,
+        prediction: torch.Tensor,
+    ) -> torch.Tensor:
+        """One deterministic sampler step (DDIM with eta 0; for flow matching, Euler): split
+        ``noisy`` into its clean and noise estimates and noise the clean one to the next level."""
+        clean = self.clean_latent_estimate(components, noisy, timesteps, prediction)
+        noise = self.noise_estimate(components, noisy, timesteps, prediction)
+        return self.noise_latents(components, clean, noise, next_timesteps).to(noisy.dtype)
+
     # --- validation (slider_cn/validate.py) ----------------------------------------------
     def validation_pipeline(self, components: Components) -> Any:
         """A diffusers inference pipeline over ``components``, for validation images.

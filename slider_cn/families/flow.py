@@ -216,6 +216,18 @@ class FlowMatchingFamily(ModelFamily):
         sigma = sigma.view(-1, *([1] * (noisy.ndim - 1)))
         return noisy.float() - sigma * prediction.float()
 
+    def noise_estimate(self, components, noisy, timesteps, prediction):
+        # noisy = (1 - sigma) x + sigma n and v = n - x, so n = noisy + (1 - sigma) v
+        sigma = self.sigmas(components, timesteps).to(noisy.device)
+        sigma = sigma.view(-1, *([1] * (noisy.ndim - 1)))
+        return noisy.float() + (1.0 - sigma) * prediction.float()
+
+    def sampling_timesteps(self, components, steps, latents):
+        # the noise levels inference uses: evenly spaced, then shifted as training shifts them
+        u = torch.linspace(1.0, 0.0, steps + 1)
+        sigmas = self._shift(components, u, latents).float().clamp(0.0, 1.0)
+        return (sigmas * self.num_train_timesteps(components)).to(latents.device)
+
     def loss(self, components, prediction, target, timesteps) -> torch.Tensor:
         scheme = self.config.flow_loss_weighting
         if scheme == "none":

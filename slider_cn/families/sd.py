@@ -245,6 +245,24 @@ class StableDiffusionFamily(ModelFamily):
             return alpha * noisy - sigma * prediction
         return (noisy - sigma * prediction) / alpha
 
+    def noise_estimate(self, components, noisy, timesteps, prediction):
+        scheduler = components.noise_scheduler
+        if scheduler.config.prediction_type == "epsilon":
+            return prediction.float()
+        if scheduler.config.prediction_type != "v_prediction":
+            raise ConfigError(
+                f"prediction_type {scheduler.config.prediction_type!r} is not supported; "
+                "slider-cn trains epsilon- and v-prediction models"
+            )
+        alphas = scheduler.alphas_cumprod.to(device=noisy.device, dtype=torch.float32)[timesteps]
+        alpha = alphas.sqrt().view(-1, 1, 1, 1)
+        sigma = (1 - alphas).sqrt().view(-1, 1, 1, 1)
+        return sigma * noisy.float() + alpha * prediction.float()
+
+    def sampling_timesteps(self, components, steps, latents):
+        last = components.noise_scheduler.config.num_train_timesteps - 1
+        return torch.linspace(last, 0, steps + 1).round().long().to(latents.device)
+
     def save_pretrained(self, components: Components, folder: str | Path) -> None:
         """Write the base components as a diffusers pipeline folder (used for `tiny` runs)."""
         self.pipeline(components).save_pretrained(str(folder), safe_serialization=True)
