@@ -29,6 +29,7 @@ test: $(STAMP)
 # bench/gpu.sh is the GPU one.
 bench: $(STAMP)
 	$(BIN)/python bench/train_step.py
+	$(BIN)/python bench/text_step.py
 	$(BIN)/python bench/cache.py
 	$(BIN)/python bench/preprocess.py
 	$(BIN)/python bench/quality.py

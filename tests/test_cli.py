@@ -56,9 +56,10 @@ def test_readme_documents_every_key():
 
     from slider_cn.config import KNOWN_KEYS
     from slider_cn.data.config import BACKEND_KEYS
+    from slider_cn.data.prompts import ENTRY_KEYS
 
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     quickstart = readme.index("## Quickstart")
     assert readme.index("make demo") > quickstart and readme.index("make test") > quickstart
-    for key in (*KNOWN_KEYS, *BACKEND_KEYS):
+    for key in (*KNOWN_KEYS, *BACKEND_KEYS, *ENTRY_KEYS):
         assert f"| `{key}` |" in readme, key

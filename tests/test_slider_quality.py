@@ -4,6 +4,12 @@ pictures they draw (slider_cn.evaluate), with negative controls that must fail.
 The attribute is warmth = cos(hue - 30 deg): +1 orange, -1 azure. Every run trains the same
 fixed number of steps from the same seed on the same pairs (warm +1, its cool twin -1, same
 outline and caption) and is evaluated over 4 seeds x 2 prompts on a held-out outline.
+
+Text sliders are held to the same measure and bounds: trained from prompts alone ("a circle",
+toward "a red circle" at +s and "a blue circle" at -s, docs/design.md §5.4) with the shapes
+ControlNet drawing circle outlines in the loop. Red is warm and blue is cool, so warmth rises
+with strength. Their negative controls: positive and negative swapped (the slope turns around)
+and guidance_scale 0 (no guidance difference: nothing to learn).
 """
 
 from __future__ import annotations
@@ -30,14 +36,22 @@ def runs(tmp_path_factory):
 
     def get(name: str) -> dict:
         if name not in cache:
-            mode, dataset = {
-                "lora": ("lora", {}),
-                "controlnet": ("controlnet", {}),
-                "flipped": ("lora", {"flip_signs": True}),
-                "sign_dropped": ("lora", {"drop_sign": True}),
+            mode, dataset, source = {
+                "lora": ("lora", {}, "images"),
+                "controlnet": ("controlnet", {}, "images"),
+                "flipped": ("lora", {"flip_signs": True}, "images"),
+                "sign_dropped": ("lora", {"drop_sign": True}, "images"),
+                "text_lora": ("lora", {}, "prompts"),
+                "text_controlnet": ("controlnet", {}, "prompts"),
+                "text_flipped": ("lora", {"flip": True}, "prompts"),
+                "text_no_guidance": ("lora", {"guidance_scale": 0.0}, "prompts"),
             }[name]
             report = train_and_measure(
-                tmp_path_factory.mktemp(name), mode=mode, steps=STEPS, dataset=dataset
+                tmp_path_factory.mktemp(name),
+                mode=mode,
+                steps=STEPS,
+                dataset=dataset,
+                source=source,
             )
             drift = report["preservation"]["drift"]
             # shown with a failure: what was measured
@@ -94,3 +108,24 @@ def test_a_slider_trained_without_its_minus_sign_fails_the_check(runs):
     assert report["effect_size"] < EFFECT_BOUND / 2, warmth_curve(report)
     assert report["monotonicity"]["spearman"] < 0.9, warmth_curve(report)
     assert not report["slides_both_ways"], report["effect_sides"]
+
+
+@pytest.mark.parametrize("mode", ["lora", "controlnet"])
+def test_text_slider_slides_and_holds_the_outline(runs, mode):
+    """From prompts alone, with shapes-canny in the loop (LoRA-only) or carrying the slider."""
+    assert_slides(runs(f"text_{mode}"))
+
+
+def test_text_slider_with_swapped_prompts_slides_the_other_way(runs):
+    report = runs("text_flipped")
+    assert report["monotonicity"]["spearman"] <= -0.9, warmth_curve(report)
+    assert report["effect_size"] <= -EFFECT_BOUND, warmth_curve(report)
+
+
+def test_text_slider_without_the_guidance_difference_fails_the_check(runs):
+    """Negative control: guidance_scale 0 trains toward the frozen prediction itself; the
+    check that passes the real text slider must fail."""
+    report = runs("text_no_guidance")
+    assert abs(report["effect_size"]) < EFFECT_BOUND / 2, warmth_curve(report)
+    with pytest.raises(AssertionError):
+        assert_slides(report)

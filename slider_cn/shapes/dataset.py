@@ -106,8 +106,20 @@ def write_shapes_slider_dataset(
             dataloader.append(backend)
     dataloader_path = root / "multidatabackend.json"
     dataloader_path.write_text(json.dumps(dataloader, indent=2), encoding="utf-8")
+    validation_files = _write_validation(root, seed)
+    config = {
+        **_training_config(seed),
+        "data_backend_config": "multidatabackend.json",
+        "slider_allow_unbalanced": drop_sign,
+    }
+    config_path = root / "config.json"
+    config_path.write_text(json.dumps(config, indent=2), encoding="utf-8")
+    return {"config": config_path, "dataloader": dataloader_path, **validation_files, **folders}
 
-    # validation: an outline the slider never trained on, and prompts that name no colour
+
+def _write_validation(root: Path, seed: int) -> dict[str, Path]:
+    """An outline the slider never trained on, a triangle's for neutral content, and prompts
+    that name no colour."""
     held_out = sample_spec(np.random.default_rng(seed + 1000), shape="circle", size="large")
     validation = root / "validation_canny.png"
     _canny(render(held_out)).save(validation)
@@ -118,15 +130,17 @@ def write_shapes_slider_dataset(
     _canny(render(neutral_outline)).save(neutral_validation)
     library = root / "prompt_library.json"
     library.write_text(json.dumps(VALIDATION_PROMPTS, indent=2), encoding="utf-8")
+    return {"validation_conditioning": validation, "neutral_conditioning": neutral_validation}
 
-    config = {
+
+def _training_config(seed: int) -> dict:
+    """What the image and the text sliders of the shapes world share."""
+    return {
         "model_family": "sd1x",
         "pretrained_model_name_or_path": "shapes",
         "controlnet_model_name_or_path": "shapes-canny",
-        "data_backend_config": "multidatabackend.json",
         "output_dir": "output",
         "slider_lora_target": True,
-        "slider_allow_unbalanced": drop_sign,
         "lora_rank": 4,
         "lora_alpha": 4,
         "train_batch_size": 4,
@@ -139,12 +153,72 @@ def write_shapes_slider_dataset(
         "validation_num_inference_steps": 20,
         "validation_guidance": 3.0,
     }
+
+
+# The text slider of the shapes world: a circle, turned toward red or toward blue.
+TEXT_SLIDER = {"target": "a circle", "positive": "a red circle", "negative": "a blue circle"}
+
+
+def write_shapes_text_slider(
+    root: str | Path,
+    *,
+    outlines: int = 16,
+    seed: int = 0,
+    flip: bool = False,
+    guidance_scale: float = 1.0,
+    denoising_steps: int = 10,
+    neutral: list[str] | None = None,
+) -> dict[str, Path]:
+    """A text slider on the shapes model: the prompts of ``TEXT_SLIDER``, and canny maps of
+    circle outlines as the conditioning backend the ControlNet draws from (no training image).
+
+    ``flip`` swaps positive and negative (a negative control: the slope must turn around);
+    ``guidance_scale`` 0 removes the guidance difference, so there is nothing to learn (the
+    other control). Returns ``config``, ``prompts``, ``dataloader`` and the validation files.
+    """
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    canny = root / "canny" / "circles"
+    canny.mkdir(parents=True, exist_ok=True)
+    for i in range(outlines):
+        spec = sample_spec(rng, shape="circle", size="large")
+        _canny(render(spec)).save(canny / f"circle_{i:03d}.png")
+    dataloader = [
+        {
+            "id": "circles-canny",
+            "dataset_type": "conditioning",
+            "instance_data_dir": "canny/circles",
+        }
+    ]
+    dataloader_path = root / "multidatabackend.json"
+    dataloader_path.write_text(json.dumps(dataloader, indent=2), encoding="utf-8")
+    positive, negative = TEXT_SLIDER["positive"], TEXT_SLIDER["negative"]
+    if flip:
+        positive, negative = negative, positive
+    entry = {
+        "id": "red-blue",
+        "target": TEXT_SLIDER["target"],
+        "positive": positive,
+        "negative": negative,
+        "guidance_scale": guidance_scale,
+        "denoising_steps": denoising_steps,
+        "conditioning_data": "circles-canny",
+    }
+    if neutral:
+        entry["neutral"] = neutral
+    prompts_path = root / "slider_prompts.json"
+    prompts_path.write_text(json.dumps([entry], indent=2), encoding="utf-8")
+    validation_files = _write_validation(root, seed)
+    config = {
+        **_training_config(seed),
+        "data_backend_config": "multidatabackend.json",
+        "slider_prompts": "slider_prompts.json",
+    }
     config_path = root / "config.json"
     config_path.write_text(json.dumps(config, indent=2), encoding="utf-8")
     return {
         "config": config_path,
+        "prompts": prompts_path,
         "dataloader": dataloader_path,
-        "validation_conditioning": validation,
-        "neutral_conditioning": neutral_validation,
-        **folders,
+        **validation_files,
     }

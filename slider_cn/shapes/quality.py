@@ -25,15 +25,21 @@ def train_and_measure(
     dataset: dict[str, Any] | None = None,
     overrides: dict[str, str] | None = None,
     neutral_prompts: dict[str, str] | None = None,
+    source: str = "images",
 ) -> dict[str, Any]:
-    """Train, then evaluate; returns the evaluation report (plus ``neutral`` when asked)."""
+    """Train, then evaluate; returns the evaluation report (plus ``neutral`` when asked).
+
+    ``source``: ``"images"`` (the warm/cool pairs) or ``"prompts"`` (the red/blue text slider,
+    slider_cn.shapes.dataset.write_shapes_text_slider); ``dataset`` goes to its writer.
+    """
     from slider_cn.evaluate import evaluate_run
-    from slider_cn.shapes.dataset import write_shapes_slider_dataset
+    from slider_cn.shapes.dataset import write_shapes_slider_dataset, write_shapes_text_slider
     from slider_cn.train import train
     from slider_cn.validate import ValidationPrompt, prompt_library
 
     root = Path(root)
-    paths = write_shapes_slider_dataset(root, **(dataset or {}))
+    writer = {"images": write_shapes_slider_dataset, "prompts": write_shapes_text_slider}[source]
+    paths = writer(root, **(dataset or {}))
     config = load_config(
         paths["config"],
         {
