@@ -71,6 +71,13 @@ def prompt_library(config: TrainConfig) -> list[ValidationPrompt]:
         return prompts
     if config.validation_prompt:
         return [ValidationPrompt("validation", config.validation_prompt, default)]
+    if config.slider_prompts is not None:
+        # a text slider acts on its target prompts: those are what to look at
+        from slider_cn.data.prompts import load_prompt_entries
+
+        entries = load_prompt_entries(config)
+        if entries:
+            return [ValidationPrompt(entry.id, entry.target, default) for entry in entries]
     raise ConfigError(
         "validation needs a prompt: set user_prompt_library (a JSON file of named prompts) or "
         "validation_prompt in the config (or pass --validation_prompt TEXT)"

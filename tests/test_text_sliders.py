@@ -66,6 +66,32 @@ def test_an_entry_becomes_plus_minus_and_neutral_backends_beside_the_images(tmp_
     assert all(s.path is None for s in plus.samples)
 
 
+def test_every_anchor_is_drawn_each_epoch(tmp_path):
+    entry = {**ENTRY, "neutral": ["a square", "a triangle", "a star"]}
+    config = make_config(tmp_path, entries=[entry])  # two conditioning images
+    neutral = {b.id: b for b in build_backends(config)}["rb:neutral"]
+    assert sorted(s.caption for s in neutral.samples) == ["a square", "a star", "a triangle"]
+    assert {s.conditioning for s in neutral.samples} == {
+        s.conditioning for s in {b.id: b for b in build_backends(config)}["rb:+"].samples
+    }
+    assert len({s.key for s in neutral.samples}) == 3
+    inline = {k: v for k, v in entry.items() if k != "conditioning_data"}
+    config = TrainConfig(slider_prompts=[inline], train_batch_size=2)
+    neutral = {b.id: b for b in build_backends(config)}["rb:neutral"]
+    # whole batches of 2: the three anchors and one more turn
+    assert [s.caption for s in neutral.samples] == ["a square", "a triangle", "a star", "a square"]
+
+
+def test_entries_without_a_dataloader_say_what_is_missing():
+    entry = dict(ENTRY)  # names a conditioning backend
+    with pytest.raises(
+        ConfigError, match="names a backend of data_backend_config, but none is set"
+    ):
+        build_backends(TrainConfig(slider_prompts=[entry]))
+    with pytest.raises(ConfigError, match="every entry is disabled"):
+        build_backends(TrainConfig(slider_prompts=[{**entry, "disabled": True}]))
+
+
 def test_inline_entries_without_conditioning_need_no_dataloader(tmp_path):
     entry = {k: v for k, v in ENTRY.items() if k != "conditioning_data"}
     config = TrainConfig(
@@ -356,10 +382,20 @@ def test_a_sampler_step_on_the_exact_prediction_lands_on_the_forward_process(fam
 def test_text_slider_trains_beside_images_on_every_family(tmp_path, family, mode):
     """Both modes on every family, with the family's ControlNet in every forward, mixed with
     image backends in one run; the written slider is non-zero and names its prompts."""
+    edge = tmp_path / "data" / "neutral_edges" / "neutral_000.png"  # written by make_config
     config = make_config(
-        tmp_path, model_family=family, training_mode=mode, max_train_steps=6, learning_rate=1e-2
+        tmp_path,
+        model_family=family,
+        training_mode=mode,
+        max_train_steps=6,
+        learning_rate=1e-2,
+        # validation during the run, on the entry's target (no prompt library given)
+        validation_steps=6,
+        validation_num_inference_steps=2,
+        validation_conditioning_image=edge,
     )
     result = train(config)
+    assert (Path(config.output_dir) / "validation" / "step-000006" / "rb_sweep.png").is_file()
     lines = log_lines(config.output_dir)
     backends = [line["backend"] for line in lines]
     assert {"rb:+", "rb:-", "rb:neutral"} <= set(backends)

@@ -235,6 +235,8 @@ def build_backends(
             )
         )
     if not backends and not entries:
+        if config.slider_prompts is not None and config.data_backend_config is None:
+            raise ConfigError("slider_prompts: every entry is disabled; enable one")
         raise ConfigError(
             f"{source}: no enabled training backend (dataset_type 'image'); add one, or give "
             "text sliders in slider_prompts"
@@ -258,6 +260,13 @@ def build_backends(
     for entry in entries:
         conditioning = None
         if entry.conditioning_data is not None:
+            if config.data_backend_config is None:
+                raise ConfigError(
+                    f"slider_prompts entry '{entry.id}': conditioning_data "
+                    f"'{entry.conditioning_data}' names a backend of data_backend_config, but "
+                    "none is set; set data_backend_config to a dataloader file with that "
+                    "conditioning backend (dataset_type 'conditioning')"
+                )
             ref = by_id.get(entry.conditioning_data)
             if ref is None or ref.dataset_type != "conditioning":
                 known = [b.id for b in enabled if b.dataset_type == "conditioning"]
@@ -330,21 +339,26 @@ def prompt_backends(
 ) -> list[Backend]:
     """The sampler backends of one text-slider entry (slider_cn.data.prompts).
 
-    ``conditioning`` is (key, image) of the entry's conditioning backend, or None. The +, -
-    and neutral backends hold the same number of samples: one per conditioning image, or one
-    global batch without conditioning.
+    ``conditioning`` is (key, image) of the entry's conditioning backend, or None. The + and
+    - backends hold one sample per conditioning image, or one global batch without
+    conditioning. The neutral backend holds as many, or more when there are more anchors: every
+    anchor at least once per pass, each with the conditioning images in turn.
     """
     pair, neutral = entry_tasks(entry)
+    global_batch = config.train_batch_size * world_size
     if conditioning is None:
-        slots = [(f"#{i}", None) for i in range(config.train_batch_size * world_size)]
+        slots = [(f"#{i}", None) for i in range(global_batch)]
     else:
         slots = list(conditioning)
     resolution = entry.resolution or config.resolution
 
     def backend(suffix: str, strength: float, task: PromptTask, captions: list[str]) -> Backend:
+        count = len(captions)
         samples = [
-            Sample(None, f"{key}@{caption}", caption, image)
-            for (key, image), caption in zip(slots, captions, strict=True)
+            Sample(None, f"{key}@{caption}#{i // len(slots)}", caption, image)
+            for i, ((key, image), caption) in enumerate(
+                zip((slots[i % len(slots)] for i in range(count)), captions, strict=True)
+            )
         ]
         return Backend(
             id=f"{entry.id}:{suffix}",
@@ -362,8 +376,10 @@ def prompt_backends(
         backend("-", -entry.slider_strength, pair, targets),
     ]
     if entry.neutral:
-        # the anchors take turns over the samples, so each is drawn as often as the others
-        anchors = [entry.neutral[i % len(entry.neutral)] for i in range(len(slots))]
+        count = max(len(slots), len(entry.neutral))
+        if conditioning is None:  # whole global batches, so that no anchor is dropped
+            count = -(-count // global_batch) * global_batch
+        anchors = [entry.neutral[i % len(entry.neutral)] for i in range(count)]
         made.append(backend("neutral", 0.0, neutral, anchors))
     return made
 
