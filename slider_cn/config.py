@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import logging
 from pathlib import Path
 from typing import Any, Literal
 
@@ -187,6 +188,17 @@ class TrainConfig(BaseModel):
         1.0, ge=0.0, description="Gradient clipping norm; 0 disables clipping."
     )
     mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="Autocast precision.")
+    base_model_precision: Literal["no", "fp8", "int8", "nf4"] = Field(
+        "no",
+        description="How the frozen denoiser (and a frozen ControlNet) is stored: `no` (training dtype), `fp8` (layerwise casting), `int8` (torchao weight-only), `nf4` (bitsandbytes, CUDA only); SimpleTuner's `int8-quanto`, `fp8-torchao`, `nf4-bnb`... map to these. The slider stays full precision.",
+    )
+    text_encoder_precision: Literal["no", "fp8", "int8", "nf4"] = Field(
+        "no", description="The same for the frozen text encoders."
+    )
+    offload_text_encoders: bool = Field(
+        False,
+        description="Keep the text encoders in CPU memory; they go to the GPU only to encode captions the text cache lacks and for validation images.",
+    )
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in the backward pass to save memory."
     )
@@ -235,6 +247,19 @@ class TrainConfig(BaseModel):
     report_to: Literal["none", "tensorboard", "wandb"] = Field(
         "none", description="Where metrics are logged."
     )
+
+    @field_validator("base_model_precision", "text_encoder_precision", mode="before")
+    @classmethod
+    def _simpletuner_precision(cls, value: Any, info) -> Any:
+        from slider_cn.precision import ALIASES
+
+        if isinstance(value, str) and value in ALIASES:
+            mapped = ALIASES[value]
+            logging.getLogger("slider_cn.config").info(
+                "%s %r is read as %r (slider-cn's nearest)", info.field_name, value, mapped
+            )
+            return mapped
+        return value
 
     @field_validator("resolution")
     @classmethod

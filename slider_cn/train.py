@@ -23,7 +23,7 @@ from accelerate.utils import set_seed
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
-from slider_cn import checkpoints, outputs, validate
+from slider_cn import checkpoints, outputs, precision, validate
 from slider_cn.adapters import attach_slider_adapter, load_assistant_adapter
 from slider_cn.config import ConfigError, TrainConfig
 from slider_cn.data.backends import training_backends
@@ -31,6 +31,7 @@ from slider_cn.data.cache import EncodedCache
 from slider_cn.data.loading import prefetch_batches
 from slider_cn.data.sampler import SliderSampler
 from slider_cn.families import get_family
+from slider_cn.offload import TextEncoderPlacement
 from slider_cn.step import SliderStep, StepInputs
 from slider_cn.targets import (
     controlnet_output_projections,
@@ -164,6 +165,10 @@ def train(config: TrainConfig) -> TrainResult:
     for module in components.modules().values():
         # frozen weights in the autocast precision; the trainable ones go back to fp32 below
         module.to(device) if weight_dtype == torch.float32 else module.to(device, weight_dtype)
+    text_encoders = TextEncoderPlacement(
+        components.text_encoders, device, enabled=config.offload_text_encoders
+    )
+    text_encoders.park()
 
     side = "controlnet" if config.training_mode == "controlnet" else "denoiser"
     trainable = components.controlnet if side == "controlnet" else components.denoiser
@@ -197,6 +202,8 @@ def train(config: TrainConfig) -> TrainResult:
                 params.append(p)
     for p in params:
         p.data = p.data.float()  # master weights in fp32 under mixed precision
+    # Shrink the frozen weights only now, with the adapter attached, so its layers are skipped.
+    precision.apply_frozen_precision(components, config, weight_dtype)
     if config.gradient_checkpointing:
         components.denoiser.enable_gradient_checkpointing()
         if components.controlnet is not None:
@@ -248,7 +255,13 @@ def train(config: TrainConfig) -> TrainResult:
         max_strength=_max_strength(backends),
         conditioning_scale=config.controlnet_conditioning_scale,
     )
-    cache = EncodedCache(config.cache_path, family, components, device=device)
+    cache = EncodedCache(
+        config.cache_path,
+        family,
+        components,
+        device=device,
+        text_encoders_onloaded=text_encoders.onloaded,
+    )
     # Noise and timesteps come from a generator of their own, seeded per rank, so they are
     # reproducible and resumable whatever else draws random numbers.
     generator = torch.Generator().manual_seed(config.seed * 1000 + accelerator.process_index)
@@ -430,15 +443,16 @@ def train(config: TrainConfig) -> TrainResult:
                     and global_step % config.validation_steps == 0
                 ):
                     folder = output_dir / "validation" / f"step-{global_step:06d}"
-                    validate.run_validation(
-                        family,
-                        components,
-                        adapter,
-                        config,
-                        folder,
-                        prompts=validation_prompts,
-                        assistant=assistant,
-                    )
+                    with text_encoders.onloaded():
+                        validate.run_validation(
+                            family,
+                            components,
+                            adapter,
+                            config,
+                            folder,
+                            prompts=validation_prompts,
+                            assistant=assistant,
+                        )
                     log.info("validation images at step %d: %s", global_step, folder)
                 if global_step >= max_steps:
                     break
@@ -457,6 +471,9 @@ def train(config: TrainConfig) -> TrainResult:
         log_file.close()
 
     save(global_step, epoch, boundary)
+    text_encoders.enabled = False  # a finished run hands back every component on the device
+    for encoder in components.text_encoders:
+        encoder.to(device)
     accelerator.wait_for_everyone()
     files: dict[str, Path] = {}
     if is_main:
