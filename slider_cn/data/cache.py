@@ -20,11 +20,13 @@ unreadable entry is re-encoded. ``stats`` counts hits, misses and encoder calls.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -60,8 +62,11 @@ class EncodedCache:
         components: Components,
         *,
         device: torch.device | str | None = None,
+        text_encoders_onloaded: Callable[[], AbstractContextManager] | None = None,
     ):
         self.root = Path(cache_dir)
+        # the scope in which the text encoders are on the device (slider_cn/offload.py)
+        self.text_encoders_onloaded = text_encoders_onloaded or contextlib.nullcontext
         self.family = family
         self.components = components
         self.identity = family.encoder_identity()
@@ -189,7 +194,7 @@ class EncodedCache:
         self.stats["text_hits"] += len(found)
         if missing:
             self.stats["text_misses"] += len(missing)
-            with torch.no_grad():
+            with torch.no_grad(), self.text_encoders_onloaded():
                 encoded = self.family.encode_prompts(self.components, list(missing))
             self.stats["text_encoder_calls"] += 1
             for i, caption in enumerate(missing):
