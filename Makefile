@@ -30,6 +30,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/train_step.py
 	$(BIN)/python bench/text_step.py
+	$(BIN)/python bench/memory.py
 	$(BIN)/python bench/cache.py
 	$(BIN)/python bench/preprocess.py
 	$(BIN)/python bench/quality.py

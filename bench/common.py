@@ -178,6 +178,7 @@ class Options:
     channels_last: bool = False
     compile: str | None = None  # a torch.compile backend, or None
     fused: bool | None = None  # None: what train.py does (fused on CUDA)
+    base_precision: str = "no"  # base_model_precision of the frozen modules (slider_cn.precision)
     learning_rate: float = 1e-4
     max_grad_norm: float = 1.0
     seed: int = 0
@@ -281,6 +282,12 @@ class SliderRunner:
         self.params = list(self.adapter.trainable_parameters())
         for p in self.params:
             p.data = p.data.float()
+        if options.base_precision != "no":  # as train.py: after the adapter, frozen modules only
+            from slider_cn.precision import store
+
+            frozen = [unet] + ([controlnet] if controlnet is not None and mode == "lora" else [])
+            for module in frozen:
+                store(module, options.base_precision, self.weight_dtype)
         if options.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
             if controlnet is not None:

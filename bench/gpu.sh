@@ -10,7 +10,8 @@
 # checkpointing, for slider-cn's step and a hand-written diffusers + peft loop
 # (bench/gpu_step.py; bench/common.py holds both). Then the speed-ups, on (a) without
 # checkpointing: channels-last, foreach instead of fused AdamW, no latent cache (VAE and text
-# encoder every step), train.py's data path with and without prefetching (case b), and
+# encoder every step), the frozen base stored as fp8 / int8 / nf4 (base_model_precision, cases a
+# and b; nf4 on a GPU only), train.py's data path with and without prefetching (case b), and
 # torch.compile (last, only while time is left). PYTHON picks the interpreter (default python3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -54,6 +55,15 @@ echo "== speed-ups on (a), checkpointing off  [${SECONDS}s]"
 run --cases a --checkpointing off --channels-last
 run --cases a --checkpointing off --no-fused
 run --cases a --checkpointing off --vae-per-step
+echo "== base_model_precision on (a) and (b), checkpointing off: peak GiB and s/step  [${SECONDS}s]"
+PRECISIONS=(fp8 int8)
+if [[ $MODE == gpu ]]; then
+    PRECISIONS+=(nf4)
+fi
+for precision in "${PRECISIONS[@]}"; do
+    run --cases a,b --checkpointing off --impl slider --base-precision "$precision" ||
+        echo "base_model_precision $precision rows failed"
+done
 echo "== train.py's data path on (b): conditioning read in the loop / prefetched  [${SECONDS}s]"
 run --cases b --checkpointing off --impl slider --data sequential
 run --cases b --checkpointing off --impl slider --data prefetch

@@ -120,6 +120,7 @@ def run_row(args, case: str, checkpointing: bool, impl: str, tmp: Path) -> dict:
         channels_last=args.channels_last,
         compile=args.compile,
         fused=False if args.no_fused else None,
+        base_precision=args.base_precision,
     )
     runner_class = common.SliderRunner if impl == "slider" else common.PlainRunner
     runner = runner_class(case, args.model, device, options)
@@ -176,6 +177,7 @@ def run_row(args, case: str, checkpointing: bool, impl: str, tmp: Path) -> dict:
             ("no-fused", args.no_fused),
             ("vae-per-step", args.vae_per_step),
             (f"data={args.data}", args.data != "none" and impl == "slider"),
+            (f"base={args.base_precision}", args.base_precision != "no"),
         )
         if on
     ]
@@ -241,6 +243,12 @@ def main() -> None:
     parser.add_argument("--no-fused", action="store_true")
     parser.add_argument("--vae-per-step", action="store_true")
     parser.add_argument("--data", default="none", choices=["none", "sequential", "prefetch"])
+    parser.add_argument(
+        "--base-precision",
+        default="no",
+        choices=["no", "fp8", "int8", "nf4"],
+        help="base_model_precision of the frozen modules (slider-cn side only)",
+    )
     parser.add_argument("--out", type=Path, help="append the rows to this JSON-lines file")
     parser.add_argument("--table", type=Path, help="only print the rows of this file")
     args = parser.parse_args()
