@@ -102,7 +102,26 @@ def test_quantized_frozen_base_trains_and_writes_the_same_slider(
         pipe.load_lora_weights(str(config.output_dir))
         assert pipe.unet.peft_config
     else:
-        assert (Path(config.output_dir) / "controlnet" / "config.json").is_file()
+        # the saved fresh ControlNet (never quantized) plus the slider file reproduce the
+        # trained ControlNet at strength 1
+        from diffusers import ControlNetModel
+
+        out = Path(config.output_dir)
+        reloaded = ControlNetModel.from_pretrained(str(out / "controlnet"))
+        reloaded.load_lora_adapter(
+            str(out / "controlnet_slider.safetensors"), prefix=None, adapter_name="slider"
+        )
+        family = get_family(config)
+        text = family.encode_prompts(components, ["a circle"])["encoder_hidden_states"]
+        generator = torch.Generator().manual_seed(0)
+        args = (torch.randn(1, 4, 8, 8, generator=generator), torch.tensor([500]), text)
+        pixels = torch.rand(1, 3, 64, 64, generator=generator)
+        with torch.no_grad(), result.adapter.multiplier(1.0):
+            expected = components.controlnet(*args, controlnet_cond=pixels, return_dict=False)
+        with torch.no_grad():
+            got = reloaded(*args, controlnet_cond=pixels, return_dict=False)
+        for a, b in zip(got[0], expected[0], strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("family_name", ["sd1x", "sdxl", "sd3", "flux", "zimage"])
