@@ -190,7 +190,7 @@ class TrainConfig(BaseModel):
     mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="Autocast precision.")
     base_model_precision: Literal["no", "fp8", "int8", "nf4"] = Field(
         "no",
-        description="How the frozen denoiser (and a frozen ControlNet) is stored: `no` (training dtype), `fp8` (layerwise casting), `int8` (torchao weight-only), `nf4` (bitsandbytes, CUDA only); SimpleTuner's `int8-quanto`, `fp8-torchao`, `nf4-bnb`... map to these. The slider stays full precision.",
+        description="How the frozen denoiser (and a frozen ControlNet) is stored: `no` (training dtype), `fp8` / `int8` (torchao weight-only), `nf4` (bitsandbytes, CUDA only); SimpleTuner's `int8-quanto`, `fp8-torchao`, `nf4-bnb`... map to these. The slider stays full precision.",
     )
     text_encoder_precision: Literal["no", "fp8", "int8", "nf4"] = Field(
         "no", description="The same for the frozen text encoders."

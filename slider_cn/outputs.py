@@ -179,16 +179,16 @@ def write_final_outputs(
         # projections, without the slider (which loads on top of it).
         folder = output_dir / "controlnet"
         if config.base_model_precision != "no":
-            # the denoiser is stored quantized now; the ControlNet never was: strip its slider
-            controlnet = clean_copy(_unwrap(trainable))
+            # the denoiser in memory is stored quantized: initialise from the base as loaded
+            denoiser = family.load_components(with_controlnet=False).denoiser
         else:
             denoiser = _unwrap(components.denoiser)
             if _has_adapters(denoiser):  # e.g. an assistant LoRA: initialise from the clean base
                 denoiser = clean_copy(denoiser)
-            controlnet = family.fresh_controlnet(denoiser)
-            trained = dict(_unwrap(trainable).named_modules())
-            for name in projection_names:
-                dict(controlnet.named_modules())[name].load_state_dict(trained[name].state_dict())
+        controlnet = family.fresh_controlnet(denoiser)
+        trained = dict(_unwrap(trainable).named_modules())
+        for name in projection_names:
+            dict(controlnet.named_modules())[name].load_state_dict(trained[name].state_dict())
         controlnet.save_pretrained(str(folder), safe_serialization=True)
         (folder / "slider_cn.json").write_text(json.dumps(metadata, indent=2), encoding="utf-8")
         written["controlnet"] = folder

@@ -89,9 +89,20 @@ class FrozenQuantizedLinear(nn.Linear):
     adapters wrapped around them stay as they were."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        device = x.device.type
+        if torch.is_autocast_enabled(device):
+            # torchao's tensors take F.linear before autocast would cast the input
+            x = x.to(torch.get_autocast_dtype(device))
         if not torch.is_grad_enabled() or not x.requires_grad:
             return F.linear(x, self.weight, self.bias)
         return _FrozenLinearFunction.apply(x, self.weight, self.bias)
+
+
+def _no_zero_rows(layer: nn.Linear) -> bool:
+    """Per-row scales of an all-zero row are 0, and float8's 0/0 makes the whole output NaN:
+    such layers (zero-initialised projections, e.g. a fresh ControlNet's) stay as they are."""
+    with torch.no_grad():
+        return bool(layer.weight.abs().amax(dim=1).min() > 0)
 
 
 def store_torchao(module: nn.Module, precision: str) -> None:
@@ -109,7 +120,9 @@ def store_torchao(module: nn.Module, precision: str) -> None:
     adapters = adapter_module_names(module)
 
     def frozen_linear(layer: nn.Module, fqn: str) -> bool:
-        return isinstance(layer, nn.Linear) and _outside(adapters, fqn)
+        # exactly nn.Linear: a layer quantized already (a module shared with another model,
+        # as Z-Image's ControlNet shares the denoiser's embedders) is a subclass by now
+        return type(layer) is nn.Linear and _outside(adapters, fqn) and _no_zero_rows(layer)
 
     config = Float8WeightOnlyConfig() if precision == "fp8" else Int8WeightOnlyConfig()
     chosen = [layer for fqn, layer in module.named_modules() if frozen_linear(layer, fqn)]
@@ -134,8 +147,8 @@ def store_nf4(module: nn.Module, compute_dtype: torch.dtype) -> None:
         ) from None
     adapters = adapter_module_names(module)
     for fqn, layer in list(module.named_modules()):
-        if not isinstance(layer, nn.Linear) or not _outside(adapters, fqn):
-            continue
+        if type(layer) is not nn.Linear or not _outside(adapters, fqn):
+            continue  # exactly nn.Linear: shared layers quantized already are Linear4bit
         quantized = bnb.nn.Linear4bit(
             layer.in_features,
             layer.out_features,

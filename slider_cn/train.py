@@ -165,10 +165,6 @@ def train(config: TrainConfig) -> TrainResult:
     for module in components.modules().values():
         # frozen weights in the autocast precision; the trainable ones go back to fp32 below
         module.to(device) if weight_dtype == torch.float32 else module.to(device, weight_dtype)
-    text_encoders = TextEncoderPlacement(
-        components.text_encoders, device, enabled=config.offload_text_encoders
-    )
-    text_encoders.park()
 
     side = "controlnet" if config.training_mode == "controlnet" else "denoiser"
     trainable = components.controlnet if side == "controlnet" else components.denoiser
@@ -204,6 +200,19 @@ def train(config: TrainConfig) -> TrainResult:
         p.data = p.data.float()  # master weights in fp32 under mixed precision
     # Shrink the frozen weights only now, with the adapter attached, so its layers are skipped.
     precision.apply_frozen_precision(components, config, weight_dtype)
+    if accelerator.num_processes > 1:
+        # DDP would broadcast every parameter at setup, and quantized frozen weights cannot be;
+        # frozen weights are the same on every rank by construction
+        from torch.nn.parallel import DistributedDataParallel
+
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+            trainable, [n for n, p in trainable.named_parameters() if not p.requires_grad]
+        )
+    # text encoders parked only now: nf4 quantizes on the GPU
+    text_encoders = TextEncoderPlacement(
+        components.text_encoders, device, enabled=config.offload_text_encoders
+    )
+    text_encoders.park()
     if config.gradient_checkpointing:
         components.denoiser.enable_gradient_checkpointing()
         if components.controlnet is not None:

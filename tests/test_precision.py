@@ -231,3 +231,66 @@ def test_offloaded_text_encoders_run_only_inside_their_onload_scope(tmp_path, mo
         return [json.loads(line)["loss"] for line in lines]
 
     assert losses(tmp_path / "off") == losses(tmp_path / "plain")
+
+
+@pytest.mark.parametrize("precision", ["fp8", "int8"])
+def test_modules_shared_by_denoiser_and_controlnet_are_quantized_once(precision):
+    """Z-Image's ControlNet shares the denoiser's embedders and refiners: in LoRA-only mode both
+    are frozen and stored quantized, and the shared layers must not be quantized twice."""
+    from slider_cn.precision import apply_frozen_precision
+
+    config = TrainConfig(
+        model_family="zimage", resolution=64, training_mode="lora", base_model_precision=precision
+    )
+    family = get_family(config)
+    components = family.load_components(with_controlnet=True)
+    apply_frozen_precision(components, config, torch.float32)
+    weights = frozen_linears(components.controlnet)
+    # quantized, except the zero-initialised output projections of this fresh ControlNet
+    for name, weight in weights.items():
+        zero_rows = (
+            bool((weight.abs().amax(dim=1) == 0).any())
+            if type(weight) is torch.nn.Parameter
+            else False
+        )
+        assert type(weight).__name__ == ("Parameter" if zero_rows else QUANTIZED[precision]), name
+    assert any(type(w).__name__ == QUANTIZED[precision] for w in weights.values())
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(1, 4, 8, 8, generator=generator)
+    cond = family.encode_prompts(components, ["a circle"])
+    noisy, _, timesteps = family.add_noise(components, latents, generator)
+    pixels = torch.rand(1, 3, 64, 64, generator=generator)
+    with torch.no_grad():
+        residuals = family.controlnet_residuals(components, noisy, timesteps, cond, pixels, 1.0)
+        assert torch.isfinite(family.predict(components, noisy, timesteps, cond, residuals)).all()
+
+
+@pytest.mark.parametrize("precision", ["fp8", "int8"])
+def test_quantized_layers_compute_in_the_autocast_dtype(precision):
+    """Under bf16 mixed precision training stores the frozen weights in bf16 and quantizes
+    those; an fp32 input (latents, an fp32 norm's output) must still compute in bf16."""
+    layer = torch.nn.Sequential(torch.nn.Linear(16, 8)).to(torch.bfloat16)
+    layer.requires_grad_(False)
+    store(layer, precision, torch.bfloat16)
+    x = torch.randn(2, 16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer(x).dtype == torch.bfloat16
+        assert layer(x.detach()).dtype == torch.bfloat16
+
+
+@pytest.mark.slow
+def test_two_process_run_with_a_quantized_base(tmp_path):
+    """DDP broadcasts parameters at setup; quantized frozen weights are left out of it."""
+    import os
+    import subprocess
+    import sys
+
+    paths = write_demo_dataset(tmp_path / "run", images_per_group=2)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", "29519", "-m", "slider_cn.cli", "train", "--config",
+           str(paths["config"]), "--max_train_steps", "2", "--base_model_precision", "int8"]  # fmt: skip
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = (tmp_path / "run" / "output" / "train_log.rank1.jsonl").read_text().splitlines()
+    assert len(lines) == 2
