@@ -368,10 +368,13 @@ def parse_overrides(tokens: list[str]) -> dict[str, str | None]:
     return overrides
 
 
-def _check_keys(keys: list[str], source: str) -> None:
-    for key in keys:
-        if key not in KNOWN_KEYS:
-            raise ConfigError(f"{source}: unknown key '{key}'{_suggest(key, KNOWN_KEYS)}")
+def _unknown_keys(keys: list[str], source: str) -> list[str]:
+    """One error line per unknown key (all of them, each with its did-you-mean)."""
+    return [
+        f"{source}: unknown key '{key}'{_suggest(key, KNOWN_KEYS)}"
+        for key in keys
+        if key not in KNOWN_KEYS
+    ]
 
 
 def _coerce_cli_value(key: str, value: str | None) -> Any:
@@ -404,18 +407,14 @@ def _resolve_paths(values: dict[str, Any], base: Path, keys: set[str]) -> None:
             values[key] = str((base / value).resolve())
 
 
-def _format_validation_error(exc: ValidationError, source: str) -> str:
-    lines = []
-    for err in exc.errors():
-        key = ".".join(str(part) for part in err["loc"]) or "(config)"
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            lines.append(f"{source}: unknown key '{key}'{_suggest(key, KNOWN_KEYS)}")
-        elif err["loc"]:
-            lines.append(f"{source}: key '{key}': {msg} (got {err.get('input')!r})")
-        else:
-            lines.append(f"{source}: {msg}")
-    return "\n".join(lines)
+def _format_error(err: dict[str, Any], source: str) -> str:
+    key = ".".join(str(part) for part in err["loc"]) or "(config)"
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        return f"{source}: unknown key '{key}'{_suggest(key, KNOWN_KEYS)}"
+    if err["loc"]:
+        return f"{source}: key '{key}': {msg} (got {err.get('input')!r})"
+    return f"{source}: {msg}"
 
 
 def load_config(
@@ -430,26 +429,28 @@ def load_config(
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the config must be a JSON object of key: value pairs")
         file_values = {_normalise_key(k): v for k, v in raw.items()}
-        _check_keys(list(file_values), str(path))
-        _resolve_paths(file_values, path.parent.resolve(), set(file_values))
         source = str(path)
 
-    cli_values: dict[str, Any] = {}
-    if overrides:
-        _check_keys(list(overrides), "command line")
-        cli_values = {k: _coerce_cli_value(k, v) for k, v in overrides.items()}
-        _resolve_paths(cli_values, Path.cwd(), set(cli_values))
+    # Every problem in one message: all unknown keys, then every bad value of the known ones.
+    errors = _unknown_keys(list(file_values), source if path is not None else "config")
+    errors += _unknown_keys(list(overrides or {}), "command line")
+    file_values = {k: v for k, v in file_values.items() if k in KNOWN_KEYS}
+    if path is not None:
+        _resolve_paths(file_values, path.parent.resolve(), set(file_values))
+    cli_values: dict[str, Any] = {
+        k: _coerce_cli_value(k, v) for k, v in (overrides or {}).items() if k in KNOWN_KEYS
+    }
+    _resolve_paths(cli_values, Path.cwd(), set(cli_values))
 
     merged = {**file_values, **cli_values}
     try:
         config = TrainConfig.model_validate(merged)
     except ValidationError as exc:
-        src = (
-            "command line"
-            if any(e["loc"] and e["loc"][0] in cli_values for e in exc.errors())
-            else source
-        )
-        raise ConfigError(_format_validation_error(exc, src)) from None
+        for err in exc.errors():
+            src = "command line" if err["loc"] and err["loc"][0] in cli_values else source
+            errors.append(_format_error(err, src))
+    if errors:
+        raise ConfigError("\n".join(errors))
 
     for key in MUST_EXIST_KEYS:
         value = getattr(config, key)

@@ -117,3 +117,29 @@ def test_top_level_must_be_object(tmp_path):
     path = write(tmp_path, "[1, 2]")
     with pytest.raises(ConfigError, match="JSON object"):
         load_config(path)
+
+
+def test_every_problem_is_reported_in_one_run(tmp_path, capsys):
+    """Five unknown keys and one bad value: one run of the CLI prints all six, exit 2."""
+    from slider_cn.cli import main
+
+    path = tmp_path / "config.json"
+    path.write_text(
+        json.dumps(
+            {
+                "learning_rat": 1e-4,
+                "use_ema": True,
+                "hub_model_id": "x",
+                "lora_rnk": 4,
+                "push_to_hub": False,
+                "train_batch_size": 0,
+                "max_train_steps": 2,
+            }
+        )
+    )
+    assert main(["train", "--config", str(path), "--dry-run", "--seeed", "1"]) == 2
+    err = capsys.readouterr().err
+    for key in ("learning_rat", "use_ema", "hub_model_id", "lora_rnk", "push_to_hub", "seeed"):
+        assert f"unknown key '{key}'" in err, key
+    assert "did you mean 'learning_rate'" in err and "did you mean 'lora_rank'" in err
+    assert "key 'train_batch_size'" in err
