@@ -61,6 +61,42 @@ def _rng_states() -> dict[str, Any]:
     return states
 
 
+def rank_rng_state(noise_generator: torch.Generator) -> dict[str, Any]:
+    """One rank's random state, to be gathered on the main rank and saved with the others.
+
+    Bytes and numpy arrays rather than tensors: all_gather_object unpickles tensors through
+    torch's legacy loader, which fails on this torch."""
+    states = _rng_states()
+
+    def raw(tensor: torch.Tensor) -> bytes:
+        return tensor.numpy().tobytes()
+
+    return {
+        "torch": raw(states["torch"]),
+        "numpy": states["numpy"],
+        "python": states["python"],
+        "cuda": [raw(s) for s in states.get("cuda", [])],
+        "noise_generator": raw(noise_generator.get_state()),
+    }
+
+
+def _saved_rank_state(state: dict[str, Any]) -> dict[str, Any]:
+    """`rank_rng_state` in the layout of rng.pt (tensors, as torch.load(weights_only) reads)."""
+
+    def tensor(raw: bytes) -> torch.Tensor:
+        return torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+
+    saved = {
+        "torch": tensor(state["torch"]),
+        "numpy": _np_state_to_plain(state["numpy"]),
+        "python": state["python"],
+        "noise_generator": tensor(state["noise_generator"]),
+    }
+    if state["cuda"]:
+        saved["cuda"] = [tensor(raw) for raw in state["cuda"]]
+    return saved
+
+
 def _set_rng_states(states: dict[str, Any]) -> None:
     torch.set_rng_state(states["torch"])
     np.random.set_state(states["numpy"])
@@ -100,8 +136,12 @@ def save_checkpoint(
     noise_generator: torch.Generator,
     extra: dict[str, Any] | None = None,
     total_limit: int | None = None,
+    rank_states: list[dict[str, Any]] | None = None,
 ) -> Path:
-    """Write `checkpoint-<step>` atomically and prune the oldest beyond ``total_limit``."""
+    """Write `checkpoint-<step>` atomically and prune the oldest beyond ``total_limit``.
+
+    ``rank_states`` (`rank_rng_state` of every rank, in rank order) makes a multi-process run
+    resume with each rank's own noise; without it every rank resumes from the main one's."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     final = output_dir / f"{PREFIX}{step}"
@@ -118,6 +158,8 @@ def save_checkpoint(
     rng = _rng_states()
     rng["numpy"] = _np_state_to_plain(rng["numpy"])
     rng["noise_generator"] = noise_generator.get_state()
+    if rank_states is not None:
+        rng["ranks"] = [_saved_rank_state(state) for state in rank_states]
     torch.save(rng, tmp / "rng.pt")
     state = {"step": step, "epoch": epoch, "sampler": sampler_state, "extra": extra or {}}
     (tmp / "state.json").write_text(json.dumps(state, indent=2), encoding="utf-8")
@@ -152,13 +194,20 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer,
     lr_scheduler: Any,
     noise_generator: torch.Generator,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> TrainingState:
-    """Restore optimizer, scheduler and RNG states in place; return the rest."""
+    """Restore optimizer, scheduler and RNG states in place (``rank``'s own when the checkpoint
+    holds every rank's); return the rest."""
     path = Path(path)
     state = json.loads((path / "state.json").read_text(encoding="utf-8"))
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     lr_scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     rng = torch.load(path / "rng.pt", weights_only=True)
+    ranks = rng.pop("ranks", None)
+    if ranks is not None and len(ranks) == world_size:
+        rng = ranks[rank]
     rng["numpy"] = _np_state_from_plain(rng["numpy"])
     noise_generator.set_state(rng.pop("noise_generator"))
     _set_rng_states(rng)
