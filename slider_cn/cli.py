@@ -77,12 +77,15 @@ def _run_train(args: argparse.Namespace, overrides: dict[str, str | None]) -> in
 def _dry_run(config: TrainConfig) -> int:
     from slider_cn.data.backends import training_backends
     from slider_cn.families import get_family
-    from slider_cn.train import check_conditioning
+    from slider_cn.train import check_conditioning, decode_all, preflight
 
-    # The same data checks as training (captions, pairs, balance, inline conditioning),
-    # then the model components.
+    # Every refusal training makes (config, output_dir, report_to, validation, captions,
+    # pairs, balance, inline conditioning, conditioning for a ControlNet), every image decoded
+    # once, then the model components: exit 0 means the run will start.
+    preflight(config)
     backends = training_backends(config)
     check_conditioning(config, backends)
+    decode_all(backends)
     family = get_family(config)
     components = family.load_components()
     for role, module in components.modules().items():

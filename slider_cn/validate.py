@@ -19,6 +19,7 @@ import dataclasses
 import json
 import logging
 import re
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -198,7 +199,9 @@ def _unwrap(module: Any) -> Any:
 def _inference_precision(components: Any) -> Iterator[None]:
     # Under mixed precision the frozen weights are half and the trained ones fp32: autocast
     # lets them meet, as in the training step.
-    dtype, device = components.vae.dtype, components.vae.device
+    # the denoiser's storage dtype (its frozen weights are most of its parameters)
+    dtypes = Counter(p.dtype for p in components.denoiser.parameters() if p.is_floating_point())
+    dtype, device = dtypes.most_common(1)[0][0], components.vae.device
     if dtype == torch.float32:
         yield
         return

@@ -63,3 +63,41 @@ def test_readme_documents_every_key():
     assert readme.index("make demo") > quickstart and readme.index("make test") > quickstart
     for key in (*KNOWN_KEYS, *BACKEND_KEYS, *ENTRY_KEYS):
         assert f"| `{key}` |" in readme, key
+
+
+def _dry_run_and_train_messages(config_path, capsys, *overrides):
+    """The exit code and message of a dry run, and of a real run, of the same command."""
+    args = ["train", "--config", str(config_path), *overrides]
+    dry = main([*args, "--dry-run"])
+    dry_err = capsys.readouterr().err
+    real = main(args)
+    real_err = capsys.readouterr().err
+    return dry, dry_err, real, real_err
+
+
+def _last_line(err: str) -> str:
+    return [line for line in err.splitlines() if line.startswith("slider-cn:")][-1]
+
+
+def test_dry_run_refuses_what_training_refuses(demo, capsys):
+    """--dry-run exit 0 means the run will start: each refusal training makes comes first,
+    with the same message."""
+    from pathlib import Path
+
+    cases = [
+        ("--training_mode", "controlnet"),  # no conditioning images
+        ("--validation_steps", "1"),  # validation without a prompt
+        ("--report_to", "wandb"),  # its package is not installed
+    ]
+    for overrides in cases:
+        dry, dry_err, real, real_err = _dry_run_and_train_messages(
+            demo["config"], capsys, *overrides
+        )
+        assert dry == real == 2, (overrides, dry_err, real_err)
+        assert _last_line(dry_err) == _last_line(real_err), overrides
+    # a corrupt image: decoded by the dry run, met by training at its first batch
+    bad = sorted(Path(demo["dataloader"]).parent.glob("data/plus/*.png"))[0]
+    bad.write_bytes(b"not an image")
+    dry = main(["train", "--config", str(demo["config"]), "--dry-run"])
+    err = capsys.readouterr().err
+    assert dry == 2 and bad.name in err and "cannot be read" in err

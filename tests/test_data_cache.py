@@ -149,3 +149,31 @@ def test_unreadable_cache_entry_is_encoded_again(tiny, tmp_path, monkeypatch):
     entry.write_bytes(b"garbage")
     assert torch.equal(cache.latents(plan), expected)
     assert calls.vae_calls == 2
+
+
+def test_an_fp16_vae_that_asks_for_upcasting_encodes_in_fp32(tiny, tmp_path, monkeypatch):
+    """SDXL's VAE overflows in fp16 (its config says force_upcast): under fp16 training it is
+    upcast for each encode and put back, and the cache keys the dtype it encoded in."""
+    import copy
+
+    config, family, components = tiny
+    components = copy.deepcopy(components)
+    vae = components.vae.to(torch.float16)
+    seen: list[torch.dtype] = []
+    encode_images = family.encode_images
+
+    def spy(components, pixels):
+        seen.append(components.vae.dtype)
+        return encode_images(components, pixels)
+
+    monkeypatch.setattr(family, "encode_images", spy)
+    backends = build_backends(config)
+    plan = SliderSampler(backends, 1, 0).plan_at(0, 0)
+    cache = EncodedCache(tmp_path / "upcast", family, components, device="cpu")
+    latents = cache.latents(load_batch(plan))
+    assert seen == [torch.float32] and vae.dtype == torch.float16
+    assert torch.isfinite(latents).all()
+    upcast_key = cache.latent_key(plan.samples[0].path, plan.resolution)
+    vae.register_to_config(force_upcast=False)  # a fixed fp16 VAE encodes in fp16: other key
+    assert cache.latent_key(plan.samples[0].path, plan.resolution) != upcast_key
+    vae.register_to_config(force_upcast=True)

@@ -25,7 +25,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -50,6 +50,29 @@ PREPROCESSING = "resize-shorter-bicubic+center-crop"
 
 def _digest(fields: dict) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def encoding_dtype(vae: torch.nn.Module) -> torch.dtype:
+    """The dtype the VAE encodes in: fp32 for an fp16 VAE whose config asks for upcasting
+    (SDXL's overflows in fp16), as diffusers' pipelines and training scripts do."""
+    if vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
+        return torch.float32
+    return vae.dtype
+
+
+@contextlib.contextmanager
+def vae_encoding_precision(vae: torch.nn.Module) -> Iterator[None]:
+    """Upcast the VAE for the encode when `encoding_dtype` says so, then put it back."""
+    stored = vae.dtype
+    dtype = encoding_dtype(vae)
+    if dtype == stored:
+        yield
+        return
+    vae.to(dtype)
+    try:
+        yield
+    finally:
+        vae.to(stored)
 
 
 class EncodedCache:
@@ -95,6 +118,8 @@ class EncodedCache:
                 "mtime_ns": stat.st_mtime_ns,
                 "model": self.identity,
                 "encoder": "vae",
+                # latents encoded in fp16 must not serve a run that encodes in fp32
+                "vae_dtype": str(encoding_dtype(self.components.vae)),
                 "resolution": resolution,
                 "preprocessing": PREPROCESSING,
             }
@@ -163,7 +188,7 @@ class EncodedCache:
                 fresh = torch.stack(
                     [image_pixels(plan.samples[i].path, plan.resolution) for i in indices]
                 )
-            with torch.no_grad():
+            with torch.no_grad(), vae_encoding_precision(self.components.vae):
                 encoded = self.family.encode_images(self.components, fresh)
             self.stats["vae_calls"] += 1
             for (key, i), latent in zip(missing.items(), encoded, strict=True):
