@@ -75,16 +75,21 @@ def _run_train(args: argparse.Namespace, overrides: dict[str, str | None]) -> in
 
 
 def _dry_run(config: TrainConfig) -> int:
+    import os
+
     from slider_cn.data.backends import training_backends
+    from slider_cn.data.sampler import SliderSampler
     from slider_cn.families import get_family
     from slider_cn.train import check_conditioning, decode_all, preflight
 
     # Every refusal training makes (config, output_dir, report_to, validation, captions,
-    # pairs, balance, inline conditioning, conditioning for a ControlNet), every image decoded
-    # once, then the model components: exit 0 means the run will start.
+    # pairs, balance, sampler geometry, inline conditioning, conditioning for a ControlNet),
+    # every image decoded once, then the model components: exit 0 means the run will start.
     preflight(config)
-    backends = training_backends(config)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))  # under torchrun, its geometry
+    backends = training_backends(config, world_size=world_size)
     check_conditioning(config, backends)
+    SliderSampler(backends, config.train_batch_size, config.seed, world_size=world_size)
     decode_all(backends)
     family = get_family(config)
     components = family.load_components()

@@ -179,6 +179,29 @@ def store(module: nn.Module, precision: str, compute_dtype: torch.dtype) -> None
         raise ValueError(f"unknown precision {precision!r}")
 
 
+def check_config(config) -> None:
+    """The refusals that need no model (made before any work, by the dry run too)."""
+    chosen = {config.base_model_precision, config.text_encoder_precision}
+    if config.base_model_precision != "no" and config.lora_type == "lycoris":
+        raise ConfigError(
+            f"base_model_precision '{config.base_model_precision}' works with lora_type "
+            "'standard' (PEFT) only: LyCORIS replaces the forward of the very layers it would "
+            "quantize"
+        )
+    if "nf4" in chosen and not torch.cuda.is_available():
+        raise ConfigError(
+            "precision 'nf4' needs a CUDA GPU (bitsandbytes 4-bit); on this machine use "
+            "'int8' or 'fp8'"
+        )
+    if chosen & {"fp8", "int8"}:
+        import importlib.util
+
+        if importlib.util.find_spec("torchao") is None:
+            raise ConfigError(
+                "precision 'fp8' / 'int8' needs torchao: pip install 'slider-cn[quant]' (or torchao)"
+            )
+
+
 def apply_frozen_precision(components, config, compute_dtype: torch.dtype) -> dict[str, str]:
     """Shrink the frozen modules of a run as its config asks; returns role -> precision."""
     applied: dict[str, str] = {}

@@ -14,17 +14,18 @@ import math
 import signal
 import threading
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import InitProcessGroupKwargs, gather_object, set_seed
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 from slider_cn import checkpoints, outputs, precision, validate
-from slider_cn.adapters import attach_slider_adapter, load_assistant_adapter
+from slider_cn.adapters import attach_slider_adapter, load_assistant_adapter, read_lycoris_config
 from slider_cn.config import ConfigError, TrainConfig
 from slider_cn.data.backends import training_backends
 from slider_cn.data.cache import EncodedCache
@@ -132,6 +133,11 @@ def preflight(config: TrainConfig):
         raise ConfigError(
             f"report_to '{config.report_to}' needs the {config.report_to} package: pip install {config.report_to}"
         )
+    if config.optimizer == "adamw_8bit" and importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError("optimizer 'adamw_8bit' needs bitsandbytes: pip install bitsandbytes")
+    if config.lora_type == "lycoris":
+        read_lycoris_config(config.lycoris_config)
+    precision.check_config(config)
     return validate.check_validation_config(config)
 
 
@@ -178,6 +184,9 @@ def train(config: TrainConfig) -> TrainResult:
     validation_prompts = preflight(config)  # fail before any work
 
     accelerator = Accelerator(
+        # collectives wait up to an hour: the other ranks wait while the main one generates
+        # inline conditioning (canny/depth over a whole dataset)
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=1))],
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         mixed_precision=config.mixed_precision,
         log_with=None if config.report_to == "none" else config.report_to,
@@ -389,12 +398,11 @@ def train(config: TrainConfig) -> TrainResult:
         if step == 0:
             return None  # nothing trained: no checkpoint-0 to block the rerun
         accelerator.wait_for_everyone()
-        # each rank draws its own noise: every rank's generator (and global RNG) is saved
-        rank_states = None
+        # each rank draws its own noise: every rank's generator and global RNG, as they were at
+        # the step boundary, are saved
+        rank_states = [boundary["rng"]]
         if accelerator.num_processes > 1:
-            rank_states = gather_object(
-                [checkpoints.rank_rng_state(_generator_at(boundary["generator"]))]
-            )
+            rank_states = gather_object(rank_states)
         if not is_main:
             return None
         return checkpoints.save_checkpoint(
@@ -441,23 +449,31 @@ def train(config: TrainConfig) -> TrainResult:
         instead of one waiting for the others forever."""
         loaded = prefetch_batches(sampler, pixels=False)
         while True:
-            failure: ConfigError | None = None
+            failure: BaseException | None = None
             item = None
             try:
                 pair = next(loaded, None)
                 if pair is not None:
                     item = (pair[0], *encoded(*pair))
-            except ConfigError as exc:
+            except Exception as exc:  # noqa: BLE001 - agreed on below, then raised
                 failure = exc
+            # 0: fine, 1: bad data (all ranks save, then stop), 2: any other error (all stop)
+            kind = 0 if failure is None else 1 if isinstance(failure, ConfigError) else 2
             if accelerator.num_processes > 1:
-                flag = torch.tensor([float(failure is not None)], device=device)
-                if accelerator.reduce(flag, reduction="sum").item() > 0 and failure is None:
-                    failure = ConfigError(
-                        f"rank {accelerator.process_index} stopped: another rank found bad "
-                        "data (its message names the file)"
-                    )
-            if failure is not None:
-                raise failure
+                flag = torch.tensor([float(kind)], device=device)
+                kind = int(accelerator.reduce(flag, reduction="max").item())
+            if kind == 1:
+                raise failure or ConfigError(
+                    f"rank {accelerator.process_index} stopped: another rank found bad data "
+                    "(its message names the file)"
+                )
+            if kind == 2:
+                if failure is not None and not isinstance(failure, ConfigError):
+                    raise failure
+                raise TrainingError(
+                    f"rank {accelerator.process_index} stopped: another rank failed"
+                    + (f"; here: {failure}" if failure is not None else "")
+                )
             if item is None:
                 return
             yield item
@@ -468,6 +484,7 @@ def train(config: TrainConfig) -> TrainResult:
     boundary = {
         "sampler": sampler.state_dict(),
         "generator": generator.get_state(),
+        "rng": checkpoints.rank_rng_state(generator),
         "epoch": start_epoch,
     }
     epoch = start_epoch
@@ -503,7 +520,11 @@ def train(config: TrainConfig) -> TrainResult:
                                 f"non-finite loss or gradients at step {global_step + 1} (loss "
                                 f"{result.loss.item()} on this rank), backend '{culprit.backend}', "
                                 f"files {[str(f) for f in culprit.files]}; "
-                                f"last good state saved to {where}"
+                                + (
+                                    f"last good state saved to {where}"
+                                    if where is not None
+                                    else "nothing trained yet, no checkpoint written"
+                                )
                             )
                         bad_batches.clear()
                     optimizer.step()
@@ -530,6 +551,8 @@ def train(config: TrainConfig) -> TrainResult:
                 boundary = {
                     "sampler": sampler.state_dict(after=plan),
                     "generator": generator.get_state(),
+                    # taken here, not when a save runs (which may be mid-accumulation)
+                    "rng": checkpoints.rank_rng_state(generator),
                     "epoch": epoch,
                 }
                 if interrupt.agreed(accelerator):

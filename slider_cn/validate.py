@@ -127,8 +127,12 @@ def check_validation_config(config: TrainConfig) -> list[ValidationPrompt] | Non
     prompts = prompt_library(config)
     from slider_cn.families import get_family
 
-    if get_family(config).needs_controlnet() and not config.validation_conditioning_image:
-        raise ConfigError(_NO_CONDITIONING)
+    if get_family(config).needs_controlnet():
+        if not config.validation_conditioning_image:
+            raise ConfigError(_NO_CONDITIONING)
+        # decoded now: an unreadable image found at the first validation would stop the main
+        # process alone, with the other ranks training on
+        _read_conditioning_image(Path(config.validation_conditioning_image))
     return prompts
 
 
@@ -144,7 +148,10 @@ def conditioning_image(config: TrainConfig, components: Any) -> Image.Image | No
         return None
     if not config.validation_conditioning_image:
         raise ConfigError(_NO_CONDITIONING)
-    path = Path(config.validation_conditioning_image)
+    return _read_conditioning_image(Path(config.validation_conditioning_image))
+
+
+def _read_conditioning_image(path: Path) -> Image.Image:
     try:
         with Image.open(path) as image:
             return image.convert("RGB")
@@ -200,7 +207,10 @@ def _inference_precision(components: Any) -> Iterator[None]:
     # Under mixed precision the frozen weights are half and the trained ones fp32: autocast
     # lets them meet, as in the training step.
     # the denoiser's storage dtype (its frozen weights are most of its parameters)
-    dtypes = Counter(p.dtype for p in components.denoiser.parameters() if p.is_floating_point())
+    dtypes: Counter = Counter()
+    for p in components.denoiser.parameters():
+        if p.is_floating_point():
+            dtypes[p.dtype] += p.numel()
     dtype, device = dtypes.most_common(1)[0][0], components.vae.device
     if dtype == torch.float32:
         yield
