@@ -144,10 +144,13 @@ def preflight(config: TrainConfig):
 def decode_all(backends, *, progress: bool = True, workers: int = 8) -> None:
     """Decode every training and conditioning image once, in parallel; all unreadable files
     are one ConfigError (the dry run's promise: exit 0 means no image will stop the run)."""
+    import warnings
     from concurrent.futures import ThreadPoolExecutor
 
+    from PIL import Image
+
     from slider_cn.data.backends import MAX_LISTED
-    from slider_cn.data.loading import load_image
+    from slider_cn.data.loading import decode_image
 
     files = sorted(
         {
@@ -161,12 +164,14 @@ def decode_all(backends, *, progress: bool = True, workers: int = 8) -> None:
 
     def check(path: str) -> str | None:
         try:
-            load_image(Path(path))
+            decode_image(Path(path))
         except ConfigError as exc:
             return str(exc)
         return None
 
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    # the warning filter is set once around the threads (catch_warnings is not thread-safe)
+    with warnings.catch_warnings(), ThreadPoolExecutor(max_workers=workers) as pool:
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
         results = list(
             tqdm(pool.map(check, files), total=len(files), desc="decode", disable=not progress)
         )

@@ -101,3 +101,19 @@ def test_dry_run_refuses_what_training_refuses(demo, capsys):
     dry = main(["train", "--config", str(demo["config"]), "--dry-run"])
     err = capsys.readouterr().err
     assert dry == 2 and bad.name in err and "cannot be read" in err
+
+
+def test_dataloader_problems_are_reported_together(demo, capsys):
+    demo["dataloader"].write_text(
+        json.dumps(
+            [
+                {"id": "a", "instance_data_dir": "data/plus", "slider_strenght": 1},
+                {"id": "b", "instance_data_dir": "data/minus", "crop": True, "repeats": -1},
+            ]
+        )
+    )
+    assert main(["train", "--config", str(demo["config"]), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "backend #0 ('a'): unknown key 'slider_strenght'" in err
+    assert "backend #1 ('b'): unknown key 'crop'" in err
+    assert "backend #1 ('b'): key 'repeats'" in err

@@ -118,29 +118,36 @@ def load_backend_configs(path: str | Path) -> list[BackendConfig]:
     if not isinstance(raw, list):
         raise ConfigError(f"{path}: the dataloader config must be a JSON list of backend objects")
     backends: list[BackendConfig] = []
+    # every backend's problems in one message: unknown keys and bad values of all of them
+    errors: list[str] = []
     for index, entry in enumerate(raw):
         where = f"{path}: backend #{index}" + (
             f" ('{entry['id']}')" if isinstance(entry, dict) and "id" in entry else ""
         )
         if not isinstance(entry, dict):
-            raise ConfigError(f"{where}: each backend must be a JSON object")
-        for key in entry:
-            if key not in BACKEND_KEYS:
-                raise ConfigError(f"{where}: unknown key '{key}'{_suggest(key, BACKEND_KEYS)}")
+            errors.append(f"{where}: each backend must be a JSON object")
+            continue
+        unknown = [key for key in entry if key not in BACKEND_KEYS]
+        errors += [f"{where}: unknown key '{k}'{_suggest(k, BACKEND_KEYS)}" for k in unknown]
         try:
-            backend = BackendConfig.model_validate(entry)
+            backend = BackendConfig.model_validate(
+                {k: v for k, v in entry.items() if k in BACKEND_KEYS}
+            )
         except ValidationError as exc:
-            msgs = []
             for err in exc.errors():
                 key = ".".join(str(p) for p in err["loc"])
                 msg = err["msg"].removeprefix("Value error, ")
-                msgs.append(f"{where}: key '{key}': {msg}" if key else f"{where}: {msg}")
-            raise ConfigError("\n".join(msgs)) from None
+                errors.append(f"{where}: key '{key}': {msg}" if key else f"{where}: {msg}")
+            continue
+        if unknown:
+            continue
         folder = Path(backend.instance_data_dir).expanduser()
         if not folder.is_absolute():
             folder = (path.parent / folder).resolve()
         backend.instance_data_dir = str(folder)
         backends.append(backend)
+    if errors:
+        raise ConfigError("\n".join(errors))
 
     ids = [b.id for b in backends]
     duplicates = sorted({i for i in ids if ids.count(i) > 1})

@@ -36,13 +36,19 @@ from slider_cn.data.sampler import BatchPlan
 
 def load_image(path: Path) -> Image.Image:
     """An RGB image, upright by its EXIF orientation; any read failure names the file."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        return decode_image(path)
+
+
+def decode_image(path: Path) -> Image.Image:
+    """`load_image` without touching the warning filters (they are process-wide, not
+    thread-safe): callers that decode on several threads set the filter once around them."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as opened:
-                opened.load()
-                image = ImageOps.exif_transpose(opened)
-                return image.convert("RGB")
+        with Image.open(path) as opened:
+            opened.load()
+            image = ImageOps.exif_transpose(opened)
+            return image.convert("RGB")
     except (
         OSError,
         ValueError,
