@@ -78,9 +78,10 @@ def _dry_run(config: TrainConfig) -> int:
     import os
 
     from slider_cn.data.backends import training_backends
+    from slider_cn.data.loading import decode_all
     from slider_cn.data.sampler import SliderSampler
     from slider_cn.families import get_family
-    from slider_cn.train import check_conditioning, decode_all, preflight
+    from slider_cn.train import check_conditioning, preflight
 
     # Every refusal training makes (config, output_dir, report_to, validation, captions,
     # pairs, balance, sampler geometry, inline conditioning, conditioning for a ControlNet),

@@ -125,11 +125,12 @@ def store_torchao(module: nn.Module, precision: str) -> None:
         return type(layer) is nn.Linear and _outside(adapters, fqn) and _no_zero_rows(layer)
 
     config = Float8WeightOnlyConfig() if precision == "fp8" else Int8WeightOnlyConfig()
+    # chosen once (the zero-row check reads every weight), then quantized and switched
     chosen = [layer for fqn, layer in module.named_modules() if frozen_linear(layer, fqn)]
-    quantize_(module, config, filter_fn=frozen_linear)
+    ids = {id(layer) for layer in chosen}
+    quantize_(module, config, filter_fn=lambda layer, fqn: id(layer) in ids)
     for layer in chosen:
-        if type(layer) is nn.Linear:
-            layer.__class__ = FrozenQuantizedLinear
+        layer.__class__ = FrozenQuantizedLinear
 
 
 def store_nf4(module: nn.Module, compute_dtype: torch.dtype) -> None:

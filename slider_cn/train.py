@@ -141,49 +141,6 @@ def preflight(config: TrainConfig):
     return validate.check_validation_config(config)
 
 
-def decode_all(backends, *, progress: bool = True, workers: int = 8) -> None:
-    """Decode every training and conditioning image once, in parallel; all unreadable files
-    are one ConfigError (the dry run's promise: exit 0 means no image will stop the run)."""
-    import warnings
-    from concurrent.futures import ThreadPoolExecutor
-
-    from PIL import Image
-
-    from slider_cn.data.backends import MAX_LISTED
-    from slider_cn.data.loading import decode_image
-
-    files = sorted(
-        {
-            str(path)
-            for backend in backends
-            for sample in backend.samples
-            for path in (sample.path, sample.conditioning)
-            if path is not None
-        }
-    )
-
-    def check(path: str) -> str | None:
-        try:
-            decode_image(Path(path))
-        except ConfigError as exc:
-            return str(exc)
-        return None
-
-    # the warning filter is set once around the threads (catch_warnings is not thread-safe)
-    with warnings.catch_warnings(), ThreadPoolExecutor(max_workers=workers) as pool:
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        results = list(
-            tqdm(pool.map(check, files), total=len(files), desc="decode", disable=not progress)
-        )
-    bad = [message for message in results if message is not None]
-    if bad:
-        more = f" (and {len(bad) - MAX_LISTED} more)" if len(bad) > MAX_LISTED else ""
-        raise ConfigError(
-            f"{len(bad)} of {len(files)} images cannot be read{more}:\n"
-            + "\n".join(bad[:MAX_LISTED])
-        )
-
-
 def train(config: TrainConfig) -> TrainResult:
     """Train a slider; return where its files are and the trained objects."""
     validation_prompts = preflight(config)  # fail before any work

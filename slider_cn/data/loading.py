@@ -13,6 +13,9 @@
 
 An unreadable or corrupt image is a ConfigError naming the file.
 
+`decode_all(backends)` decodes every training and conditioning image once, in parallel (the
+dry run's check).
+
 `prefetch_batches(plans)` yields ``(plan, load_batch(plan))`` with the next plan's files read
 in a background thread while the caller trains on the current one.
 """
@@ -29,6 +32,7 @@ import torch
 from PIL import Image, ImageOps
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
+from tqdm.auto import tqdm
 
 from slider_cn.config import ConfigError
 from slider_cn.data.sampler import BatchPlan
@@ -177,3 +181,40 @@ def prefetch_batches(
     finally:
         # Also on an early break or an error: drop what was not started, wait for the rest.
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def decode_all(backends: Iterable, *, progress: bool = True, workers: int = 8) -> None:
+    """Decode every training and conditioning image once, in parallel; all unreadable files
+    are one ConfigError (the dry run's promise: exit 0 means no image will stop the run)."""
+    from slider_cn.data.backends import MAX_LISTED
+
+    files = sorted(
+        {
+            str(path)
+            for backend in backends
+            for sample in backend.samples
+            for path in (sample.path, sample.conditioning)
+            if path is not None
+        }
+    )
+
+    def check(path: str) -> str | None:
+        try:
+            decode_image(Path(path))
+        except ConfigError as exc:
+            return str(exc)
+        return None
+
+    # the warning filter is set once around the threads (catch_warnings is not thread-safe)
+    with warnings.catch_warnings(), ThreadPoolExecutor(max_workers=workers) as pool:
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        results = list(
+            tqdm(pool.map(check, files), total=len(files), desc="decode", disable=not progress)
+        )
+    bad = [message for message in results if message is not None]
+    if bad:
+        more = f" (and {len(bad) - MAX_LISTED} more)" if len(bad) > MAX_LISTED else ""
+        raise ConfigError(
+            f"{len(bad)} of {len(files)} images cannot be read{more}:\n"
+            + "\n".join(bad[:MAX_LISTED])
+        )
