@@ -16,7 +16,7 @@ import sys
 import types
 from typing import Any
 
-from slider_cn.config import ConfigError
+from slider_cn.errors import ConfigError
 
 _PACKAGE = "controlnet_aux"
 

@@ -9,7 +9,7 @@ import sys
 from typing import Any
 
 from conditioning.registry import DETECTORS, ParamSpec, get_spec
-from slider_cn.config import ConfigError
+from slider_cn.errors import ConfigError
 
 
 def _detector_params() -> dict[str, tuple[ParamSpec, list[str]]]:

@@ -23,7 +23,7 @@ from conditioning._aux import aux_class
 from conditioning.canny import CannyEdges
 from conditioning.images import resize, to_map
 from conditioning.registry import DetectorSpec, get_spec
-from slider_cn.config import ConfigError
+from slider_cn.errors import ConfigError
 
 
 class Detector(Protocol):

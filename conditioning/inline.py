@@ -9,8 +9,8 @@ from typing import Any
 
 from conditioning.registry import params_hash, resolve_params
 from conditioning.runner import run_batch
-from slider_cn.config import ConfigError
 from slider_cn.data.config import BackendConfig
+from slider_cn.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

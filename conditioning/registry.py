@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from slider_cn.config import ConfigError, _suggest
+from slider_cn.errors import ConfigError, suggest
 
 
 @dataclass(frozen=True)
@@ -310,7 +310,7 @@ def get_spec(name: str) -> DetectorSpec:
         return DETECTORS[name]
     except KeyError:
         raise ConfigError(
-            f"unknown detector '{name}'{_suggest(name, DETECTORS)}; "
+            f"unknown detector '{name}'{suggest(name, DETECTORS)}; "
             f"known detectors: {', '.join(DETECTORS)} (see `slider-cn preprocess --list`)"
         ) from None
 
@@ -346,7 +346,7 @@ def resolve_params(name: str, params: dict[str, Any] | None) -> dict[str, Any]:
     for key in params:
         if key not in known:
             raise ConfigError(
-                f"detector '{name}' has no parameter '{key}'{_suggest(key, known)}; "
+                f"detector '{name}' has no parameter '{key}'{suggest(key, known)}; "
                 f"its parameters: {', '.join(known) or 'none'}"
             )
     resolved = {p.name: _coerce(spec, p, params.get(p.name, p.default)) for p in spec.params}

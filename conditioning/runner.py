@@ -20,7 +20,7 @@ from conditioning import _worker
 from conditioning.images import list_images, output_name
 from conditioning.manifest import Manifest
 from conditioning.registry import get_spec, resolve_params
-from slider_cn.config import ConfigError
+from slider_cn.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

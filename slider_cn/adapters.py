@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from slider_cn.config import ConfigError, _suggest, read_json
+from slider_cn.errors import ConfigError, read_json, suggest
 from slider_cn.targets import adaptable_modules, excluded_by, matches
 
 if TYPE_CHECKING:
@@ -430,13 +430,13 @@ def read_lycoris_config(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: lycoris_config must be a JSON object")
     for key in raw:
         if key not in LYCORIS_KEYS:
-            raise ConfigError(f"{path}: unknown key '{key}'{_suggest(key, LYCORIS_KEYS)}")
+            raise ConfigError(f"{path}: unknown key '{key}'{suggest(key, LYCORIS_KEYS)}")
     algo = str(raw.get("algo", "lora")).lower()
     if algo not in network_module_dict:
         algos = sorted(network_module_dict)
         raise ConfigError(
             f"{path}: key 'algo': unknown LyCORIS algorithm {algo!r}; known: "
-            f"{', '.join(algos)}{_suggest(algo, algos)}"
+            f"{', '.join(algos)}{suggest(algo, algos)}"
         )
     preset = raw.get("apply_preset") or {}
     if not isinstance(preset, dict):
@@ -444,7 +444,7 @@ def read_lycoris_config(path: str | Path) -> dict[str, Any]:
     for key in preset:
         if key not in VALID_PRESET_KEYS:
             raise ConfigError(
-                f"{path}: unknown key 'apply_preset.{key}'{_suggest(key, VALID_PRESET_KEYS)}"
+                f"{path}: unknown key 'apply_preset.{key}'{suggest(key, VALID_PRESET_KEYS)}"
             )
     return {**raw, "algo": algo, "apply_preset": preset, "_path": str(path)}
 

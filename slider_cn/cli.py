@@ -10,7 +10,8 @@ import textwrap
 
 from safetensors import SafetensorError
 
-from slider_cn.config import ConfigError, TrainConfig, config_to_json, load_config, parse_overrides
+from slider_cn.config import TrainConfig, config_to_json, load_config, parse_overrides
+from slider_cn.errors import ConfigError
 
 log = logging.getLogger("slider_cn")
 

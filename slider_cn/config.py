@@ -6,7 +6,6 @@ over (its ``"--key"`` spelling and ``"controlnet": true`` are accepted too).
 
 from __future__ import annotations
 
-import difflib
 import json
 import logging
 from pathlib import Path
@@ -14,9 +13,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from slider_cn.errors import ConfigError, read_json, suggest
 
-class ConfigError(Exception):
-    """Bad user input in a config file or on the command line. The CLI prints it and exits 2."""
+__all__ = ["ConfigError", "TrainConfig", "load_config", "parse_overrides", "read_json"]
 
 
 # Keys whose values are file-system paths: relative values resolve against the config file's
@@ -276,7 +275,7 @@ class TrainConfig(BaseModel):
         names = family_names()
         if value not in names:
             raise ValueError(
-                f"unknown model family {value!r}; known: {', '.join(names)}{_suggest(value, names)}"
+                f"unknown model family {value!r}; known: {', '.join(names)}{suggest(value, names)}"
             )
         return value
 
@@ -323,27 +322,9 @@ class TrainConfig(BaseModel):
 KNOWN_KEYS = tuple(TrainConfig.model_fields)
 
 
-def _suggest(word: str, choices: list[str] | tuple[str, ...]) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    return f" (did you mean '{close[0]}'?)" if close else ""
-
-
 def _normalise_key(key: str) -> str:
     # SimpleTuner's config.json writes keys as command-line flags: "--learning_rate".
     return key.lstrip("-").replace("-", "_") if key.startswith("--") else key
-
-
-def read_json(path: Path, what: str = "config") -> Any:
-    """Read a JSON file; a missing file or malformed JSON is a ConfigError with line and column."""
-    if not path.is_file():
-        raise ConfigError(f"{what} file not found: {path}")
-    text = path.read_text(encoding="utf-8")
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ConfigError(
-            f"{path}: malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}"
-        ) from None
 
 
 def parse_overrides(tokens: list[str]) -> dict[str, str | None]:
@@ -371,7 +352,7 @@ def parse_overrides(tokens: list[str]) -> dict[str, str | None]:
 def _unknown_keys(keys: list[str], source: str) -> list[str]:
     """One error line per unknown key (all of them, each with its did-you-mean)."""
     return [
-        f"{source}: unknown key '{key}'{_suggest(key, KNOWN_KEYS)}"
+        f"{source}: unknown key '{key}'{suggest(key, KNOWN_KEYS)}"
         for key in keys
         if key not in KNOWN_KEYS
     ]
@@ -411,7 +392,7 @@ def _format_error(err: dict[str, Any], source: str) -> str:
     key = ".".join(str(part) for part in err["loc"]) or "(config)"
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
-        return f"{source}: unknown key '{key}'{_suggest(key, KNOWN_KEYS)}"
+        return f"{source}: unknown key '{key}'{suggest(key, KNOWN_KEYS)}"
     if err["loc"]:
         return f"{source}: key '{key}': {msg} (got {err.get('input')!r})"
     return f"{source}: {msg}"

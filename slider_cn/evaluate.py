@@ -32,7 +32,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from slider_cn.config import ConfigError, TrainConfig
+from slider_cn.config import TrainConfig
+from slider_cn.errors import ConfigError
 from slider_cn.validate import (
     DEFAULT_STRENGTHS,
     SweepRenderer,

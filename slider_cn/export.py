@@ -56,7 +56,7 @@ def _alpha(metadata: dict[str, str], file: Path) -> float:
     """The training alpha: slider-cn's metadata, else diffusers' adapter metadata."""
     import json
 
-    from slider_cn.config import ConfigError
+    from slider_cn.errors import ConfigError
 
     try:
         return float(metadata["slider_cn.alpha"])
@@ -88,7 +88,7 @@ def export_slider(
     """
     from safetensors.torch import load_file, save_file
 
-    from slider_cn.config import ConfigError
+    from slider_cn.errors import ConfigError
     from slider_cn.loading import slider_files
 
     if fmt not in FORMATS:
@@ -157,7 +157,7 @@ def merge_controlnet(
 
     from diffusers import ControlNetModel
 
-    from slider_cn.config import ConfigError
+    from slider_cn.errors import ConfigError
     from slider_cn.loading import load_slider
 
     if files.is_lycoris:

@@ -25,7 +25,7 @@ from typing import Any
 
 from torch import nn
 
-from slider_cn.config import ConfigError
+from slider_cn.errors import ConfigError
 from slider_cn.outputs import BASE_LORA_FILE, CONTROLNET_LORA_FILE, LYCORIS_FILE, read_metadata
 
 SLIDER_ADAPTER_NAME = "slider"

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slider_cn.config import ConfigError
+from slider_cn.errors import ConfigError
 
 log = logging.getLogger("slider_cn.precision")
 

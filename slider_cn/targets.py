@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from slider_cn.config import ConfigError, _suggest
+from slider_cn.errors import ConfigError, suggest
 
 log = logging.getLogger(__name__)
 
@@ -504,7 +504,7 @@ def get_architecture(name: str) -> ArchitectureTargets:
         names = sorted(ARCHITECTURES)
         raise ConfigError(
             f"no slider targets registered for {name!r}; known architectures: "
-            f"{', '.join(names)}{_suggest(name, names)}"
+            f"{', '.join(names)}{suggest(name, names)}"
         )
     return arch
 

@@ -128,8 +128,8 @@ def families_listing(as_json: bool) -> str:
             {
                 "family": name,
                 "architecture": arch.name,
-                "denoiser": cls.denoiser_class,
-                "controlnet": cls.controlnet_class,
+                "denoiser": cls.denoiser_class_name(),
+                "controlnet": cls.controlnet_class_name(),
                 "description": cls.description,
             }
         )

@@ -27,7 +27,8 @@ from typing import Any
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from slider_cn.config import ConfigError, TrainConfig, _suggest, read_json
+from slider_cn.config import TrainConfig
+from slider_cn.errors import ConfigError, read_json, suggest
 from slider_cn.outputs import ALPHA_FOLDED
 
 log = logging.getLogger(__name__)
@@ -92,7 +93,7 @@ def _library_entry(path: Path, name: str, entry: Any, default: float) -> Validat
     elif isinstance(entry, dict):
         for key in entry:
             if key not in _PROMPT_KEYS:
-                raise ConfigError(f"{where}: unknown key '{key}'{_suggest(key, _PROMPT_KEYS)}")
+                raise ConfigError(f"{where}: unknown key '{key}'{suggest(key, _PROMPT_KEYS)}")
         prompt = entry.get("prompt")
         strength = entry.get("adapter_strength", default)
         if isinstance(strength, bool) or not isinstance(strength, int | float):

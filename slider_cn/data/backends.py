@@ -28,9 +28,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from slider_cn.config import ConfigError
 from slider_cn.data.config import BackendConfig, load_backend_configs
 from slider_cn.data.prompts import PromptEntry, PromptTask, entry_tasks, load_prompt_entries
+from slider_cn.errors import ConfigError
 
 if TYPE_CHECKING:
     from slider_cn.config import TrainConfig
@@ -325,9 +325,9 @@ def _backend_configs(config: TrainConfig) -> list[BackendConfig]:
 
 
 def _suggest_id(word: str, ids: list[str]) -> str:
-    from slider_cn.config import _suggest
+    from slider_cn.errors import suggest
 
-    return _suggest(word, ids) if ids else "; add a backend with dataset_type 'conditioning'"
+    return suggest(word, ids) if ids else "; add a backend with dataset_type 'conditioning'"
 
 
 def prompt_backends(

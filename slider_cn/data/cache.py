@@ -34,9 +34,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from slider_cn.config import ConfigError
 from slider_cn.data.loading import Batch, image_pixels
 from slider_cn.data.sampler import BatchPlan
+from slider_cn.errors import ConfigError
 
 if TYPE_CHECKING:
     from slider_cn.families.base import Components, ModelFamily

@@ -19,7 +19,7 @@ from pydantic import (
     model_validator,
 )
 
-from slider_cn.config import ConfigError, _suggest, read_json
+from slider_cn.errors import ConfigError, read_json, suggest
 
 
 def real_number(value: Any) -> Any:
@@ -128,7 +128,7 @@ def load_backend_configs(path: str | Path) -> list[BackendConfig]:
             errors.append(f"{where}: each backend must be a JSON object")
             continue
         unknown = [key for key in entry if key not in BACKEND_KEYS]
-        errors += [f"{where}: unknown key '{k}'{_suggest(k, BACKEND_KEYS)}" for k in unknown]
+        errors += [f"{where}: unknown key '{k}'{suggest(k, BACKEND_KEYS)}" for k in unknown]
         try:
             backend = BackendConfig.model_validate(
                 {k: v for k, v in entry.items() if k in BACKEND_KEYS}
@@ -165,7 +165,7 @@ def load_backend_configs(path: str | Path) -> list[BackendConfig]:
         if ref is not None:
             if ref not in by_id:
                 raise ConfigError(
-                    f"{path}: backend '{backend.id}': conditioning_data '{ref}' is not a backend id{_suggest(ref, ids)}"
+                    f"{path}: backend '{backend.id}': conditioning_data '{ref}' is not a backend id{suggest(ref, ids)}"
                 )
             if by_id[ref].dataset_type != "conditioning":
                 raise ConfigError(

@@ -34,8 +34,8 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 from tqdm.auto import tqdm
 
-from slider_cn.config import ConfigError
 from slider_cn.data.sampler import BatchPlan
+from slider_cn.errors import ConfigError
 
 
 def load_image(path: Path) -> Image.Image:

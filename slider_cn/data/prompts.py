@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from slider_cn.config import ConfigError, _suggest, read_json
 from slider_cn.data.config import multiple_of_8, real_number
+from slider_cn.errors import ConfigError, read_json, suggest
 
 if TYPE_CHECKING:
     from slider_cn.config import TrainConfig
@@ -149,7 +149,7 @@ def load_prompt_entries(config: TrainConfig) -> list[PromptEntry]:
             raise ConfigError(f"{label}: each entry must be a JSON object")
         for key in item:
             if key not in ENTRY_KEYS:
-                hint = _suggest(key, ENTRY_KEYS)
+                hint = suggest(key, ENTRY_KEYS)
                 if key == "unconditional":
                     hint = " (Concept Sliders' `unconditional` is `negative` here)"
                 raise ConfigError(f"{label}: unknown key '{key}'{hint}")

@@ -48,9 +48,9 @@ from typing import Any
 
 import numpy as np
 
-from slider_cn.config import ConfigError
 from slider_cn.data.backends import Backend, Sample
 from slider_cn.data.prompts import PromptTask
+from slider_cn.errors import ConfigError
 
 SIGN_CYCLE = ("+", "-", "0")
 STATE_VERSION = 1

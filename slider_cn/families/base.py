@@ -55,9 +55,13 @@ class ModelFamily:
 
     name: ClassVar[str]
     description: ClassVar[str] = ""
-    # diffusers class names, for messages and for the targets registry
-    denoiser_class: ClassVar[str] = ""
-    controlnet_class: ClassVar[str | None] = None
+    # The family's diffusers classes: its denoiser, its ControlNet, and the inference
+    # pipelines (plain and with a ControlNet). The plain pipeline is also the family's LoRA
+    # loader: its save_lora_weights writes, and its lora_state_dict reads, LoRA files.
+    denoiser_model_class: ClassVar[type]
+    controlnet_model_class: ClassVar[type]
+    pipeline_class: ClassVar[type]
+    controlnet_pipeline_class: ClassVar[type]
     # what the family's ControlNet pipeline calls its conditioning image
     control_image_argument: ClassVar[str] = "control_image"
     # Keyword prefix of the pipeline's save_lora_weights (``unet_lora_layers``) and the kohya
@@ -67,6 +71,14 @@ class ModelFamily:
 
     def __init__(self, config: TrainConfig):
         self.config = config
+
+    @classmethod
+    def denoiser_class_name(cls) -> str:
+        return cls.denoiser_model_class.__name__
+
+    @classmethod
+    def controlnet_class_name(cls) -> str:
+        return cls.controlnet_model_class.__name__
 
     # --- building ------------------------------------------------------------------------
     def load_components(self, *, with_controlnet: bool | None = None) -> Components:

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
 
-from slider_cn.config import ConfigError
+from slider_cn.errors import ConfigError
 from slider_cn.families.base import Components, ModelFamily
 
 # Tiny VAEs: four levels give the real 8x spatial factor, so 64 px images make 8x8 latents.
@@ -99,10 +99,6 @@ def load_model(model_class: type, path: str, dtype: torch.dtype, what: str):
 class FlowMatchingFamily(ModelFamily):
     """A transformer denoiser trained with the rectified-flow objective (see module docstring)."""
 
-    # The base pipeline and the ControlNet pipeline of the family (set by subclasses).
-    pipeline_class: ClassVar[type]
-    controlnet_pipeline_class: ClassVar[type]
-    controlnet_model_class: ClassVar[type]
     # Keyword prefix of the pipeline's save_lora_weights (``transformer_lora_layers``).
     lora_component: ClassVar[str] = "transformer"
     # kohya-format export exists only for UNet families: kohya names these transformers by

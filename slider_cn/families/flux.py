@@ -20,7 +20,7 @@ from diffusers import (
 )
 from transformers import CLIPTextModel
 
-from slider_cn.config import ConfigError
+from slider_cn.errors import ConfigError
 from slider_cn.families.base import Components, seeded
 from slider_cn.families.flow import (
     TINY_LATENT_CHANNELS,
@@ -53,8 +53,7 @@ def unpack(packed: torch.Tensor, height: int, width: int) -> torch.Tensor:
 class FluxFamily(FlowMatchingFamily):
     name = "flux"
     description = "Flux.1 (FluxTransformer2DModel, CLIP-L + T5, packed latents, guidance input)"
-    denoiser_class = "FluxTransformer2DModel"
-    controlnet_class = "FluxControlNetModel"
+    denoiser_model_class = FluxTransformer2DModel
     pipeline_class = FluxPipeline
     controlnet_pipeline_class = FluxControlNetPipeline
     controlnet_model_class = FluxControlNetModel

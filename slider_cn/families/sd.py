@@ -19,7 +19,7 @@ from diffusers import (
 )
 from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from slider_cn.config import ConfigError
+from slider_cn.errors import ConfigError
 from slider_cn.families.base import Components, ModelFamily, seeded
 from slider_cn.families.tiny_tokenizer import build_tiny_tokenizer
 from slider_cn.shapes import builtin_model
@@ -136,8 +136,8 @@ def _load(cls, path: str, subfolder: str | None, what: str):
 class StableDiffusionFamily(ModelFamily):
     """Shared by SD1.x and SDXL: UNet denoiser, KL VAE, DDPM-style epsilon training."""
 
-    denoiser_class = "UNet2DConditionModel"
-    controlnet_class = "ControlNetModel"
+    denoiser_model_class = UNet2DConditionModel
+    controlnet_model_class = ControlNetModel
     control_image_argument = "image"
     pipeline_class: ClassVar[type] = StableDiffusionPipeline
     controlnet_pipeline_class: ClassVar[type] = StableDiffusionControlNetPipeline

@@ -13,7 +13,7 @@ from diffusers import (
 from diffusers.models.controlnets.controlnet import zero_module
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
-from slider_cn.config import ConfigError
+from slider_cn.errors import ConfigError
 from slider_cn.families.base import Components, seeded
 from slider_cn.families.flow import (
     TINY_LATENT_CHANNELS,
@@ -66,8 +66,7 @@ def tiny_clip_config(tokenizer, hidden: int, **extra) -> CLIPTextConfig:
 class SD3Family(FlowMatchingFamily):
     name = "sd3"
     description = "Stable Diffusion 3 / 3.5 (SD3Transformer2DModel, CLIP-L + CLIP-G + T5)"
-    denoiser_class = "SD3Transformer2DModel"
-    controlnet_class = "SD3ControlNetModel"
+    denoiser_model_class = SD3Transformer2DModel
     pipeline_class = StableDiffusion3Pipeline
     controlnet_pipeline_class = StableDiffusion3ControlNetPipeline
     controlnet_model_class = SD3ControlNetModel

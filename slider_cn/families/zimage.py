@@ -67,8 +67,7 @@ def control_layer_places(n_layers: int) -> list[int]:
 class ZImageFamily(FlowMatchingFamily):
     name = "zimage"
     description = "Z-Image / Z-Image Turbo (ZImageTransformer2DModel, Qwen3 text encoder)"
-    denoiser_class = "ZImageTransformer2DModel"
-    controlnet_class = "ZImageControlNetModel"
+    denoiser_model_class = ZImageTransformer2DModel
     pipeline_class = ZImagePipeline
     controlnet_pipeline_class = ZImageControlNetPipeline
     controlnet_model_class = ZImageControlNetModel
