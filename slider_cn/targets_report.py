@@ -8,9 +8,8 @@ from dataclasses import dataclass
 
 from slider_cn.config import TrainConfig
 from slider_cn.targets import (
-    ARCHITECTURES,
-    FAMILY_ARCHITECTURES,
     TargetResolution,
+    architectures,
     controlnet_output_projections,
     get_architecture,
     resolve_targets,
@@ -123,7 +122,7 @@ def families_listing(as_json: bool) -> str:
     families = []
     for name in family_names():
         cls = family_class(name)
-        arch = ARCHITECTURES[FAMILY_ARCHITECTURES.get(name, name)]
+        arch = cls.architecture()
         families.append(
             {
                 "family": name,
@@ -134,7 +133,7 @@ def families_listing(as_json: bool) -> str:
             }
         )
     loadable = {f["architecture"] for f in families}
-    architectures = [
+    listed = [
         {
             "architecture": arch.name,
             "description": arch.description,
@@ -142,16 +141,16 @@ def families_listing(as_json: bool) -> str:
             "controlnet_classes": list(arch.controlnet_classes),
             "family": arch.name in loadable,
         }
-        for arch in ARCHITECTURES.values()
+        for arch in architectures().values()
     ]
     if as_json:
-        return json.dumps({"families": families, "architectures": architectures}, indent=2)
+        return json.dumps({"families": families, "architectures": listed}, indent=2)
     lines = ["model families (--family):"]
     for f in families:
         lines.append(f"  {f['family']:<16} {f['description']}  [ControlNet: {f['controlnet']}]")
     lines.append("")
     lines.append("architectures with slider targets (* = loadable as a family today):")
-    for a in architectures:
+    for a in listed:
         mark = "*" if a["family"] else " "
         controlnet = ", ".join(a["controlnet_classes"]) or "no ControlNet"
         lines.append(f" {mark} {a['architecture']:<16} {a['description']}  [{controlnet}]")

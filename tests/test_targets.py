@@ -6,10 +6,9 @@ from tiny_models import CONTROLNET_ARCHS, DENOISER_ARCH, DENOISERS, controlnet_f
 
 from slider_cn.config import ConfigError
 from slider_cn.targets import (
-    ARCHITECTURES,
-    FAMILY_ARCHITECTURES,
     GUIDE_GENERAL,
     adaptable_modules,
+    architectures,
     controlnet_output_projections,
     get_architecture,
     matches,
@@ -99,21 +98,24 @@ ISSUE_ARCHITECTURES = {
 
 
 def test_registry_covers_every_architecture_and_each_has_a_tiny_model():
-    assert set(ARCHITECTURES) == ISSUE_ARCHITECTURES
+    assert set(architectures()) == ISSUE_ARCHITECTURES
     tested = {DENOISER_ARCH.get(key, key) for key in DENOISERS}
     assert tested == ISSUE_ARCHITECTURES
-    with_controlnet = {name for name, arch in ARCHITECTURES.items() if arch.has_controlnet}
+    with_controlnet = {name for name, arch in architectures().items() if arch.has_controlnet}
     assert with_controlnet == set(CONTROLNET_ARCHS)
     assert with_controlnet == {"sd1x", "sdxl", "sd3", "flux", "qwenimage", "sana", "zimage"}
 
 
 def test_families_map_to_architectures():
-    from slider_cn.families import family_names
+    from slider_cn.families import family_class, family_names
 
     for family in family_names():
-        assert get_architecture(family).name == FAMILY_ARCHITECTURES[family]
-    for family in ("sd3", "flux", "zimage"):  # families added by later issues
-        assert get_architecture(family).name == family
+        # a family's own file holds its lists, under the family's name and classes
+        arch = get_architecture(family)
+        cls = family_class(family)
+        assert arch.name == family and arch.slider == cls.targets.slider
+        assert arch.denoiser_classes == (cls.denoiser_model_class.__name__,)
+        assert arch.controlnet_classes == (cls.controlnet_model_class.__name__,)
     with pytest.raises(ConfigError, match="did you mean 'kandinsky5'"):
         get_architecture("kandinsky")
 
@@ -220,4 +222,4 @@ def test_guide_general_list_misses_the_self_attention_of(key):
     names = [n for n, _ in adaptable_modules(model)]
     hits = [n for n in names if any(matches(p, n) for p in GUIDE_GENERAL)]
     assert not any(h.endswith(SELF_ATTENTION[key].split(".")[-1]) for h in hits)
-    assert ARCHITECTURES[key].note
+    assert architectures()[key].note

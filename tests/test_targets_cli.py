@@ -3,7 +3,7 @@
 import json
 
 from slider_cn.cli import main
-from slider_cn.targets import ARCHITECTURES
+from slider_cn.targets import architectures
 
 
 def run_json(capsys, *argv: str) -> dict:
@@ -14,7 +14,7 @@ def run_json(capsys, *argv: str) -> dict:
 def test_family_tiny_json_lists_the_slider_targets(capsys):
     data = run_json(capsys, "--family", "sd1x", "--model", "tiny")
     assert data["family"] == "sd1x" and data["side"] == "denoiser" and data["slider"] is True
-    assert data["patterns"] == list(ARCHITECTURES["sd1x"].slider)
+    assert data["patterns"] == list(architectures()["sd1x"].slider)
     assert "conv_in" in data["adapted"]
     assert any(name.endswith("attn1.to_q") for name in data["adapted"])
     assert not any("attn2" in name for name in data["adapted"])
@@ -71,7 +71,7 @@ def test_list_families(capsys):
         assert name in out
     data = run_json(capsys, "--list-families")
     assert [f["family"] for f in data["families"]] == ["flux", "sd1x", "sd3", "sdxl", "zimage"]
-    assert {a["architecture"] for a in data["architectures"]} == set(ARCHITECTURES)
+    assert {a["architecture"] for a in data["architectures"]} == set(architectures())
 
 
 def test_unknown_family_is_a_clear_error(capsys):

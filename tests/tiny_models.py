@@ -25,14 +25,14 @@ def _seeded(build: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
 
 @_seeded
 def unet_sd1x() -> nn.Module:
-    from slider_cn.families.sd import tiny_sd1x_unet
+    from slider_cn.families.sd1x import tiny_sd1x_unet
 
     return tiny_sd1x_unet()
 
 
 @_seeded
 def unet_sdxl() -> nn.Module:
-    from slider_cn.families.sd import tiny_sdxl_unet
+    from slider_cn.families.sdxl import tiny_sdxl_unet
 
     return tiny_sdxl_unet()
 

@@ -14,8 +14,8 @@ if TYPE_CHECKING:
     from slider_cn.families.base import ModelFamily
 
 FAMILIES: dict[str, str] = {
-    "sd1x": "slider_cn.families.sd:SD1xFamily",
-    "sdxl": "slider_cn.families.sd:SDXLFamily",
+    "sd1x": "slider_cn.families.sd1x:SD1xFamily",
+    "sdxl": "slider_cn.families.sdxl:SDXLFamily",
     "sd3": "slider_cn.families.sd3:SD3Family",
     "flux": "slider_cn.families.flux:FluxFamily",
     "zimage": "slider_cn.families.zimage:ZImageFamily",

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
+
+from slider_cn.targets.spec import ArchitectureTargets
 
 if TYPE_CHECKING:
     from slider_cn.config import TrainConfig
@@ -62,15 +65,29 @@ class ModelFamily:
     controlnet_model_class: ClassVar[type]
     pipeline_class: ClassVar[type]
     controlnet_pipeline_class: ClassVar[type]
+    # Which modules the slider adapts, on the denoiser and on the ControlNet (the patterns of
+    # slider_cn/targets/spec.py; the name and class fields are filled in by architecture()).
+    targets: ClassVar[ArchitectureTargets]
     # what the family's ControlNet pipeline calls its conditioning image
     control_image_argument: ClassVar[str] = "control_image"
     # Keyword prefix of the pipeline's save_lora_weights (``unet_lora_layers``) and the kohya
     # key prefix; None means the family has no kohya-format export.
-    lora_component: ClassVar[str] = "unet"
-    kohya_prefix: ClassVar[str | None] = "lora_unet"
+    lora_component: ClassVar[str]
+    kohya_prefix: ClassVar[str | None] = None
 
     def __init__(self, config: TrainConfig):
         self.config = config
+
+    @classmethod
+    def architecture(cls) -> ArchitectureTargets:
+        """The family's target lists, named after the family and its classes."""
+        return dataclasses.replace(
+            cls.targets,
+            name=cls.name,
+            description=cls.description,
+            denoiser_classes=(cls.denoiser_class_name(),),
+            controlnet_classes=(cls.controlnet_class_name(),),
+        )
 
     @classmethod
     def denoiser_class_name(cls) -> str:

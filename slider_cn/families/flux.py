@@ -31,6 +31,7 @@ from slider_cn.families.flow import (
 )
 from slider_cn.families.sd3 import tiny_clip_config, tiny_t5
 from slider_cn.families.tiny_tokenizer import build_tiny_t5_tokenizer, build_tiny_tokenizer
+from slider_cn.targets.spec import ATTN, JOINT_TEXT, QKVO, ArchitectureTargets
 
 # Flux's VAE latents: 16 channels, scaled and shifted (the FLUX.1 vae/config.json).
 FLUX_VAE_SCALING = 0.3611
@@ -54,6 +55,31 @@ class FluxFamily(FlowMatchingFamily):
     name = "flux"
     description = "Flux.1 (FluxTransformer2DModel, CLIP-L + T5, packed latents, guidance input)"
     denoiser_model_class = FluxTransformer2DModel
+    targets = ArchitectureTargets(
+        slider=(
+            *ATTN,
+            "proj_out",  # single blocks' attention+MLP output, and the final projection
+            "x_embedder",
+            "time_text_embed.timestep_embedder.linear_1",
+            "time_text_embed.timestep_embedder.linear_2",
+        ),
+        ordinary=(*QKVO, *JOINT_TEXT),
+        controlnet_slider=(
+            *ATTN,
+            "proj_out",
+            "x_embedder",
+            "time_text_embed.timestep_embedder.linear_1",
+            "time_text_embed.timestep_embedder.linear_2",
+        ),
+        controlnet_outputs=(
+            "controlnet_blocks.*",
+            "controlnet_single_blocks.*",
+            "controlnet_x_embedder",
+            "input_hint_block.conv_out",  # only when built with conditioning_embedding_channels
+        ),
+        note="Single-stream blocks have no `to_out`: their attention and MLP leave through "
+        "`proj_out`, which replaces the guide's `to_out.0` there.",
+    )
     pipeline_class = FluxPipeline
     controlnet_pipeline_class = FluxControlNetPipeline
     controlnet_model_class = FluxControlNetModel

@@ -1,4 +1,5 @@
-"""Stable Diffusion 1.x/2.x (`sd1x`) and SDXL (`sdxl`): UNet + VAE + CLIP text encoder(s)."""
+"""What SD1.x/2.x (`sd1x.py`) and SDXL (`sdxl.py`) share: UNet + KL VAE + CLIP text encoder(s),
+DDPM-style epsilon (or v) training, the ControlNet built with ``ControlNetModel.from_unet``."""
 
 from __future__ import annotations
 
@@ -13,15 +14,12 @@ from diffusers import (
     DDPMScheduler,
     StableDiffusionControlNetPipeline,
     StableDiffusionPipeline,
-    StableDiffusionXLControlNetPipeline,
-    StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel
 
 from slider_cn.errors import ConfigError
-from slider_cn.families.base import Components, ModelFamily, seeded
-from slider_cn.families.tiny_tokenizer import build_tiny_tokenizer
+from slider_cn.families.base import Components, ModelFamily
 from slider_cn.shapes import builtin_model
 
 # Small conditioning embedding for tiny ControlNets; four entries keep the 8x downsampling
@@ -29,7 +27,7 @@ from slider_cn.shapes import builtin_model
 TINY_CONDITIONING_CHANNELS = (8, 8, 16, 16)
 
 
-def _tiny_vae(scaling_factor: float) -> AutoencoderKL:
+def tiny_vae(scaling_factor: float) -> AutoencoderKL:
     # Four levels give the real 8x spatial factor, so conditioning images line up with latents.
     return AutoencoderKL(
         in_channels=3,
@@ -45,45 +43,7 @@ def _tiny_vae(scaling_factor: float) -> AutoencoderKL:
     )
 
 
-def tiny_sd1x_unet() -> UNet2DConditionModel:
-    """The `tiny` SD1.x UNet: the real class, two levels, 32/64 channels."""
-    return UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        norm_num_groups=8,
-    )
-
-
-def tiny_sdxl_unet() -> UNet2DConditionModel:
-    """The `tiny` SDXL UNet: text_time micro-conditioning, two text encoders' width."""
-    return UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        attention_head_dim=(2, 4),
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=8,
-        transformer_layers_per_block=(1, 2),
-        # six micro-conditioning values of 8 dims each, plus the pooled text embedding
-        projection_class_embeddings_input_dim=6 * 8 + 32,
-        cross_attention_dim=64,
-        norm_num_groups=8,
-    )
-
-
-def _tiny_text_config(tokenizer, **extra: Any) -> CLIPTextConfig:
+def tiny_text_config(tokenizer, **extra: Any) -> CLIPTextConfig:
     return CLIPTextConfig(
         vocab_size=len(tokenizer),
         hidden_size=32,
@@ -98,7 +58,7 @@ def _tiny_text_config(tokenizer, **extra: Any) -> CLIPTextConfig:
     )
 
 
-def _sd_noise_scheduler() -> DDPMScheduler:
+def sd_noise_scheduler() -> DDPMScheduler:
     # The SD training schedule: scaled-linear betas 0.00085..0.012 over 1000 steps.
     return DDPMScheduler(
         num_train_timesteps=1000,
@@ -138,6 +98,9 @@ class StableDiffusionFamily(ModelFamily):
 
     denoiser_model_class = UNet2DConditionModel
     controlnet_model_class = ControlNetModel
+    lora_component = "unet"
+    # sd-scripts' names for UNet LoRA keys, which ComfyUI and A1111 read
+    kohya_prefix = "lora_unet"
     control_image_argument = "image"
     pipeline_class: ClassVar[type] = StableDiffusionPipeline
     controlnet_pipeline_class: ClassVar[type] = StableDiffusionControlNetPipeline
@@ -283,105 +246,3 @@ class StableDiffusionFamily(ModelFamily):
         if components.controlnet is None:
             return self.pipeline_class(**parts)
         return self.controlnet_pipeline_class(**parts, controlnet=components.controlnet)
-
-
-class SD1xFamily(StableDiffusionFamily):
-    name = "sd1x"
-    description = "Stable Diffusion 1.x / 2.x (UNet2DConditionModel, CLIP text encoder)"
-
-    def build_tiny(self, seed: int) -> Components:
-        tokenizer = build_tiny_tokenizer()
-        with seeded(seed):
-            text_encoder = CLIPTextModel(_tiny_text_config(tokenizer))
-            vae = _tiny_vae(scaling_factor=0.18215)
-            unet = tiny_sd1x_unet()
-        return Components(unet, vae, [text_encoder], [tokenizer], _sd_noise_scheduler())
-
-    @torch.no_grad()
-    def encode_prompts(self, components: Components, prompts: list[str]) -> dict[str, torch.Tensor]:
-        (encoder,), (tokenizer,) = components.text_encoders, components.tokenizers
-        ids = self._tokenize(tokenizer, prompts).to(encoder.device)
-        return {"encoder_hidden_states": encoder(ids)[0]}
-
-    def _pipeline_parts(self, components: Components) -> dict[str, Any]:
-        return {
-            "vae": components.vae,
-            "text_encoder": components.text_encoders[0],
-            "tokenizer": components.tokenizers[0],
-            "unet": components.denoiser,
-            "scheduler": components.noise_scheduler,
-            "safety_checker": None,
-            "feature_extractor": None,
-            "requires_safety_checker": False,
-        }
-
-
-class SDXLFamily(StableDiffusionFamily):
-    name = "sdxl"
-    description = (
-        "Stable Diffusion XL (UNet2DConditionModel with text_time embedding, two CLIP encoders)"
-    )
-    pipeline_class = StableDiffusionXLPipeline
-    controlnet_pipeline_class = StableDiffusionXLControlNetPipeline
-    text_encoder_subfolders = ("text_encoder", "text_encoder_2")
-    tokenizer_subfolders = ("tokenizer", "tokenizer_2")
-    text_encoder_classes = (CLIPTextModel, CLIPTextModelWithProjection)
-
-    def build_tiny(self, seed: int) -> Components:
-        tokenizers = [build_tiny_tokenizer(), build_tiny_tokenizer()]
-        with seeded(seed):
-            encoder_1 = CLIPTextModel(_tiny_text_config(tokenizers[0]))
-            encoder_2 = CLIPTextModelWithProjection(
-                _tiny_text_config(tokenizers[1], projection_dim=32)
-            )
-            vae = _tiny_vae(scaling_factor=0.13025)
-            unet = tiny_sdxl_unet()
-        return Components(unet, vae, [encoder_1, encoder_2], tokenizers, _sd_noise_scheduler())
-
-    @torch.no_grad()
-    def encode_prompts(self, components: Components, prompts: list[str]) -> dict[str, torch.Tensor]:
-        hidden, pooled = [], None
-        for encoder, tokenizer in zip(components.text_encoders, components.tokenizers, strict=True):
-            ids = self._tokenize(tokenizer, prompts).to(encoder.device)
-            out = encoder(ids, output_hidden_states=True)
-            # SDXL conditions on the penultimate layer; the pooled embedding comes from encoder 2.
-            hidden.append(out.hidden_states[-2])
-            pooled = out[0]
-        return {"encoder_hidden_states": torch.cat(hidden, dim=-1), "pooled_prompt_embeds": pooled}
-
-    def add_time_ids(
-        self, batch_size: int, resolution: int, device=None, dtype=None
-    ) -> torch.Tensor:
-        """SDXL micro-conditioning: original size, crop top-left, target size.
-
-        Training images are resized and centre-cropped to a square, so original = target size
-        and the crop offset is 0.
-        """
-        ids = torch.tensor(
-            [resolution, resolution, 0, 0, resolution, resolution], device=device, dtype=dtype
-        )
-        return ids.unsqueeze(0).repeat(batch_size, 1)
-
-    def _unet_kwargs(self, cond, noisy):
-        resolution = noisy.shape[-1] * self.vae_scale_factor
-        time_ids = self.add_time_ids(noisy.shape[0], resolution, noisy.device, noisy.dtype)
-        return {
-            "encoder_hidden_states": cond["encoder_hidden_states"],
-            "added_cond_kwargs": {
-                "text_embeds": cond["pooled_prompt_embeds"],
-                "time_ids": time_ids,
-            },
-        }
-
-    def _pipeline_parts(self, components: Components) -> dict[str, Any]:
-        return {
-            "vae": components.vae,
-            "text_encoder": components.text_encoders[0],
-            "text_encoder_2": components.text_encoders[1],
-            "tokenizer": components.tokenizers[0],
-            "tokenizer_2": components.tokenizers[1],
-            "unet": components.denoiser,
-            "scheduler": components.noise_scheduler,
-            # no invisible watermark: validation images are compared tile by tile
-            "add_watermarker": False,
-        }

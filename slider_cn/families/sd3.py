@@ -23,6 +23,7 @@ from slider_cn.families.flow import (
     tiny_flow_vae,
 )
 from slider_cn.families.tiny_tokenizer import build_tiny_t5_tokenizer, build_tiny_tokenizer
+from slider_cn.targets.spec import ATTN, JOINT_TEXT, QKVO, ArchitectureTargets
 
 # SD3's VAE latents: 16 channels, scaled and shifted (vae/config.json of the SD3 checkpoints).
 SD3_VAE_SCALING = 1.5305
@@ -67,6 +68,27 @@ class SD3Family(FlowMatchingFamily):
     name = "sd3"
     description = "Stable Diffusion 3 / 3.5 (SD3Transformer2DModel, CLIP-L + CLIP-G + T5)"
     denoiser_model_class = SD3Transformer2DModel
+    targets = ArchitectureTargets(
+        slider=(
+            *ATTN,
+            "pos_embed.proj",
+            "time_text_embed.timestep_embedder.linear_1",
+            "time_text_embed.timestep_embedder.linear_2",
+            "proj_out",
+        ),
+        ordinary=(*QKVO, *JOINT_TEXT),
+        controlnet_slider=(
+            *ATTN,
+            "pos_embed.proj",
+            "time_text_embed.timestep_embedder.linear_1",
+            "time_text_embed.timestep_embedder.linear_2",
+        ),
+        controlnet_outputs=("controlnet_blocks.*", "pos_embed_input.proj"),
+        note="MMDiT names the image stream's attention `attn.*` (the guide's `attn1.*` matches "
+        "nothing); patch embedding and timestep MLP stand in for conv_in and time_embedding. "
+        "SD3.5's `attn2` is a second image self-attention, left out so that `attn2` is never "
+        "adapted anywhere.",
+    )
     pipeline_class = StableDiffusion3Pipeline
     controlnet_pipeline_class = StableDiffusion3ControlNetPipeline
     controlnet_model_class = SD3ControlNetModel

@@ -44,6 +44,7 @@ from slider_cn.families.flow import (
 )
 from slider_cn.families.flux import FLUX_VAE_SCALING, FLUX_VAE_SHIFT
 from slider_cn.families.tiny_tokenizer import build_tiny_qwen_tokenizer
+from slider_cn.targets.spec import QKVO, ArchitectureTargets
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,35 @@ class ZImageFamily(FlowMatchingFamily):
     name = "zimage"
     description = "Z-Image / Z-Image Turbo (ZImageTransformer2DModel, Qwen3 text encoder)"
     denoiser_model_class = ZImageTransformer2DModel
+    targets = ArchitectureTargets(
+        slider=(
+            "attention.to_q",
+            "attention.to_k",
+            "attention.to_v",
+            "attention.to_out.0",
+            "all_x_embedder.*",
+            "t_embedder.mlp.0",
+            "t_embedder.mlp.2",
+            "all_final_layer.*.linear",
+        ),
+        ordinary=QKVO,
+        controlnet_slider=(
+            "control_layers.*.attention.to_q",
+            "control_layers.*.attention.to_k",
+            "control_layers.*.attention.to_v",
+            "control_layers.*.attention.to_out.0",
+            "control_noise_refiner.*.attention.to_q",
+            "control_noise_refiner.*.attention.to_k",
+            "control_noise_refiner.*.attention.to_v",
+            "control_noise_refiner.*.attention.to_out.0",
+            "control_all_x_embedder.*",
+        ),
+        controlnet_outputs=("before_proj", "after_proj"),
+        note="Attention is `attention.*` (the guide's `attn1.*` matches nothing) in the main "
+        "layers and the noise refiner; the caption's `context_refiner` is never adapted. The "
+        "ControlNet shares the transformer's embedders and refiners: only its own `control_*` "
+        "modules are adapted.",
+    )
     pipeline_class = ZImagePipeline
     controlnet_pipeline_class = ZImageControlNetPipeline
     controlnet_model_class = ZImageControlNetModel
