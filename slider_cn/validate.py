@@ -27,9 +27,10 @@ from typing import Any
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from slider_cn import formats
 from slider_cn.config import TrainConfig
 from slider_cn.errors import ConfigError, read_json, suggest
-from slider_cn.outputs import ALPHA_FOLDED
+from slider_cn.formats import ALPHA_FOLDED
 
 log = logging.getLogger(__name__)
 
@@ -382,8 +383,6 @@ def rebuild_run(
     attached with slider_cn.adapters on the targets recorded in the output's metadata and its
     weights are loaded from the output file.
     """
-    from safetensors.torch import load_file
-
     from slider_cn.adapters import attach_slider_adapter, load_assistant_adapter
     from slider_cn.families import get_family
     from slider_cn.loading import slider_files
@@ -434,12 +433,15 @@ def rebuild_run(
     assistant = None
     if run_config.assistant_lora_path:  # loaded before the slider, as in training
         assistant = load_assistant_adapter(
-            components.denoiser, run_config.assistant_lora_path, run_config.assistant_lora_strength
+            components.denoiser,
+            run_config.assistant_lora_path,
+            run_config.assistant_lora_strength,
+            family=family,
         )
     trainable = components.controlnet if mode == "controlnet" else components.denoiser
     targets = json.loads(meta.get("slider_cn.targets", "null"))
     adapter = attach_slider_adapter(trainable, targets, run_config)
-    adapter.load_state_dict(_slider_weights(load_file(str(where)), adapter.kind))
+    adapter.load_state_dict(_slider_weights(where, meta, adapter, family))
     for p in adapter.trainable_parameters():
         p.requires_grad_(False)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -449,19 +451,27 @@ def rebuild_run(
     return RebuiltRun(run_config, family, components, adapter, assistant)
 
 
-def _slider_weights(state: dict[str, torch.Tensor], kind: str) -> dict[str, torch.Tensor]:
-    """File keys -> SliderAdapter.state_dict() keys."""
-    if kind == "lycoris":
+def _slider_weights(
+    file: Path, metadata: dict[str, str], adapter: Any, family: Any
+) -> dict[str, torch.Tensor]:
+    """The slider file's weights under SliderAdapter.state_dict() keys."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(file))
+    if adapter.kind == "lycoris":
+        prefix = metadata.get(formats.LYCORIS_PREFIX)
+        if prefix is not None:  # module paths under the file's prefix -> the network's names
+            from slider_cn.outputs import lycoris_file_names
+
+            names = lycoris_file_names(adapter, prefix)
+            state = formats.rename_lycoris_modules(state, {v: k for k, v in names.items()})
         # a LyCORIS layer wrapped by an assistant's PEFT layer is named "..._base_layer"
         out = {}
         for key, value in state.items():
             head, _, rest = key.partition(".")
             out[f"{head.removesuffix('_base_layer')}.{rest}" if rest else head] = value
         return out
-    return {
-        key.removeprefix("unet.").removeprefix("transformer."): value
-        for key, value in state.items()
-    }
+    return {key.removeprefix(f"{family.lora_component}."): value for key, value in state.items()}
 
 
 def validate_output(

@@ -17,12 +17,15 @@ from slider_cn.adapters import (
     load_assistant_adapter,
 )
 from slider_cn.config import ConfigError, TrainConfig
+from slider_cn.families import family_class
 from slider_cn.targets import matches, resolve_targets
 
 ROOT = Path(__file__).parents[1]
 GUIDE_PRESET = ROOT / "configs" / "lycoris_config.json"
 LAYER = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"  # slider and assistant
 STRENGTH = 0.7
+# the family whose LoRA loader reads the kohya files (the tiny UNet is an SD1.x one)
+SD1X = family_class("sd1x")(TrainConfig())
 
 
 def unet_inputs() -> dict:
@@ -91,7 +94,7 @@ def assistant_files(tmp_path_factory):
 @pytest.mark.parametrize("fmt", ["diffusers", "kohya"])
 def test_assistant_loads_diffusers_and_kohya_files_at_its_strength(assistant_files, fmt):
     model = unet_sd1x().eval()
-    assistant = load_assistant_adapter(model, assistant_files[fmt], STRENGTH)
+    assistant = load_assistant_adapter(model, assistant_files[fmt], STRENGTH, family=SD1X)
     assert assistant.layers and assistant.strength == STRENGTH
     out = run(model)
     torch.testing.assert_close(out, assistant_files["reference"], rtol=0, atol=1e-6)
@@ -103,7 +106,7 @@ def test_peft_scale_control_is_symmetric_spares_the_assistant_and_restores_exact
     assistant_files,
 ):
     model = unet_sd1x().eval()
-    assistant = load_assistant_adapter(model, assistant_files["diffusers"], STRENGTH)
+    assistant = load_assistant_adapter(model, assistant_files["diffusers"], STRENGTH, family=SD1X)
     slider = with_slider(model)
     assert slider.kind == "peft" and slider.rank == 4 and slider.alpha == 2.0
     layer = model.get_submodule(LAYER)
@@ -130,7 +133,7 @@ def test_peft_scale_control_is_symmetric_spares_the_assistant_and_restores_exact
     # With the slider at 0 the model is exactly base + assistant: scaling never touched it.
     with slider.multiplier(0.0):
         assistant_only = unet_sd1x().eval()
-        load_assistant_adapter(assistant_only, assistant_files["diffusers"], STRENGTH)
+        load_assistant_adapter(assistant_only, assistant_files["diffusers"], STRENGTH, family=SD1X)
         assert torch.equal(run(model), run(assistant_only))
 
     # The previous scale comes back bit-exactly, PEFT's alpha/r included, even nested.
@@ -153,7 +156,7 @@ def test_slider_and_assistant_in_either_order(assistant_files):
     model = unet_sd1x().eval()
     slider = with_slider(model)
     slider_only = run(model)
-    assistant = load_assistant_adapter(model, assistant_files["kohya"], STRENGTH)
+    assistant = load_assistant_adapter(model, assistant_files["kohya"], STRENGTH, family=SD1X)
     assert not torch.allclose(run(model), slider_only)
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     assert trainable == {id(p) for p in slider.trainable_parameters()}
@@ -250,7 +253,7 @@ def test_guide_lokr_preset_adapts_the_intended_modules(caplog):
 
 def test_lycoris_scale_control_with_an_assistant(assistant_files):
     model = unet_sd1x().eval()
-    load_assistant_adapter(model, assistant_files["diffusers"], STRENGTH)
+    load_assistant_adapter(model, assistant_files["diffusers"], STRENGTH, family=SD1X)
     config = TrainConfig(lora_type="lycoris", lycoris_config=str(GUIDE_PRESET))
     slider = with_slider(model, config)
     assert LAYER in slider.target_names
@@ -265,7 +268,7 @@ def test_lycoris_scale_control_with_an_assistant(assistant_files):
     with slider.multiplier(0.0):
         base = layer_out()
         assistant_only = unet_sd1x().eval()
-        load_assistant_adapter(assistant_only, assistant_files["diffusers"], STRENGTH)
+        load_assistant_adapter(assistant_only, assistant_files["diffusers"], STRENGTH, family=SD1X)
         assert torch.equal(run(model), run(assistant_only))
     for s in (0.5, 2.0):
         with slider.multiplier(s):
@@ -336,7 +339,7 @@ def test_backward_reaches_the_slider_and_not_the_assistant(assistant_files, lora
         else TrainConfig(lora_type="lycoris", lycoris_config=str(GUIDE_PRESET))
     )
     model = unet_sd1x().train()
-    assistant = load_assistant_adapter(model, assistant_files["diffusers"], STRENGTH)
+    assistant = load_assistant_adapter(model, assistant_files["diffusers"], STRENGTH, family=SD1X)
     slider = with_slider(model, config)
     with slider.multiplier(-0.5):
         model(**unet_inputs()).sample.square().mean().backward()
@@ -351,7 +354,7 @@ def test_switched_off_skips_slider_layers_keeps_the_assistant_and_restores(assis
     """The preserve step's frozen-base forward: the same output as multiplier 0, but layers
     that carry only the slider do not compute it; layers shared with an assistant do."""
     model = unet_sd1x().eval()
-    assistant = load_assistant_adapter(model, assistant_files["diffusers"], STRENGTH)
+    assistant = load_assistant_adapter(model, assistant_files["diffusers"], STRENGTH, family=SD1X)
     slider = with_slider(model)
     ran: list[int] = []
     for layer in slider.layers:
@@ -375,7 +378,7 @@ def test_switched_off_skips_slider_layers_keeps_the_assistant_and_restores(assis
     assert set(ran) == shared
     assert torch.equal(out, expected)
     assistant_only = unet_sd1x().eval()
-    load_assistant_adapter(assistant_only, assistant_files["diffusers"], STRENGTH)
+    load_assistant_adapter(assistant_only, assistant_files["diffusers"], STRENGTH, family=SD1X)
     assert torch.equal(out, run(assistant_only))
     assert assistant.strength == STRENGTH
 

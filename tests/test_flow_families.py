@@ -491,7 +491,9 @@ def test_the_slider_multiplier_never_touches_the_assistant(tmp_path, family_name
     denoiser = result.components.denoiser
     # a reference model with only the assistant: its scales and weights as loaded
     reference = get_family(config).build_tiny(config.seed).denoiser
-    reference_assistant = load_assistant_adapter(reference, assistant_dir, strength)
+    reference_assistant = load_assistant_adapter(
+        reference, assistant_dir, strength, family=get_family(config)
+    )
     expected_scales = [layer.scaling[ASSISTANT_ADAPTER] for layer in reference_assistant.layers]
     layers = dict(denoiser.named_modules())
     trained_layers = [

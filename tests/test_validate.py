@@ -195,7 +195,9 @@ def test_assistant_runs_at_its_inference_strength_and_comes_back(tmp_path):
         components = family.load_components()
         assistant = None
         if with_assistant:
-            assistant = load_assistant_adapter(components.denoiser, assistant_dir, 1.0)
+            assistant = load_assistant_adapter(
+                components.denoiser, assistant_dir, 1.0, family=family
+            )
         names = resolve_targets(components.denoiser, family.name).names
         adapter = attach_slider_adapter(components.denoiser, names, config)
         randomise_slider(adapter)

@@ -141,6 +141,19 @@ class ModelFamily:
     def controlnet_from_denoiser(self, denoiser: torch.nn.Module) -> torch.nn.Module:
         raise NotImplementedError
 
+    # --- LoRA files ----------------------------------------------------------------------
+    def lora_state_dict(
+        self, state_dict: dict[str, torch.Tensor], denoiser: torch.nn.Module
+    ) -> tuple[dict[str, torch.Tensor], dict[str, float] | None]:
+        """A LoRA file's weights (kohya or other layouts) in diffusers/PEFT keys, read by the
+        family's own diffusers loader; returns (state dict, network alphas or None)."""
+        out = self.pipeline_class.lora_state_dict(state_dict, **self._lora_loader_kwargs(denoiser))
+        # SD loaders return (state_dict, network_alphas); the others fold alphas into weights
+        return (out[0], out[1]) if isinstance(out, tuple) else (out, None)
+
+    def _lora_loader_kwargs(self, denoiser: torch.nn.Module) -> dict[str, Any]:
+        return {}
+
     # --- encoding ------------------------------------------------------------------------
     @property
     def vae_scale_factor(self) -> int:

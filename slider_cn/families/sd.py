@@ -108,6 +108,10 @@ class StableDiffusionFamily(ModelFamily):
     tokenizer_subfolders: ClassVar[tuple[str, ...]] = ("tokenizer",)
     text_encoder_classes: ClassVar[tuple[type, ...]] = (CLIPTextModel,)
 
+    def _lora_loader_kwargs(self, denoiser: torch.nn.Module) -> dict[str, Any]:
+        # the UNet's layout tells diffusers' kohya converter which blocks the keys name
+        return {"unet_config": denoiser.config}
+
     @property
     def vae_scale_factor(self) -> int:
         return 8
