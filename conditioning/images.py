@@ -7,12 +7,9 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
-# Files with these extensions are images to process; anything else (captions, JSON) is ignored.
-IMAGE_EXTENSIONS = frozenset(
-    {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".jxl", ".avif"}
-)
+from slider_cn.image_files import open_rgb, scan_images
 
 
 class ImageReadError(Exception):
@@ -21,16 +18,8 @@ class ImageReadError(Exception):
 
 def list_images(root: Path) -> list[str]:
     """Relative POSIX paths of the images under `root`, recursively, sorted; hidden entries
-    (names starting with '.') are skipped."""
-    found: list[str] = []
-    for folder, dirs, files in os.walk(root):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        rel_folder = Path(folder).relative_to(root)
-        for name in sorted(files):
-            if name.startswith(".") or Path(name).suffix.lower() not in IMAGE_EXTENSIONS:
-                continue
-            found.append((rel_folder / name).as_posix())
-    return found
+    (names starting with '.') are skipped (the same files training lists)."""
+    return [path.relative_to(root).as_posix() for path in scan_images(root)]
 
 
 def output_name(rel: str) -> str:
@@ -39,21 +28,10 @@ def output_name(rel: str) -> str:
 
 
 def load_rgb(path: Path) -> np.ndarray:
-    """The image as an HxWx3 uint8 RGB array: EXIF orientation applied, transparency composited
-    on white (as controlnet-aux's HWC3 does), 16-bit reduced to 8-bit."""
+    """The image as an HxWx3 uint8 RGB array, with the pixels training sees for the same file
+    (slider_cn.image_files.open_rgb: EXIF orientation, transparency on white, 16-bit to 8)."""
     try:
-        with Image.open(path) as im:
-            im.load()
-            im = ImageOps.exif_transpose(im)
-            if im.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
-                arr = (np.asarray(im, dtype=np.uint16) >> 8).astype(np.uint8)
-                return np.ascontiguousarray(np.repeat(arr[:, :, None], 3, axis=2))
-            if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
-                rgba = np.asarray(im.convert("RGBA"), dtype=np.float32)
-                alpha = rgba[:, :, 3:4] / 255.0
-                rgb = rgba[:, :, :3] * alpha + 255.0 * (1.0 - alpha)
-                return rgb.clip(0, 255).astype(np.uint8)
-            return np.asarray(im.convert("RGB"))
+        return np.asarray(open_rgb(path))
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise ImageReadError(f"not a readable image ({exc})") from exc
 

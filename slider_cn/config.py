@@ -18,6 +18,8 @@ from slider_cn.errors import ConfigError, read_json, suggest
 __all__ = ["ConfigError", "TrainConfig", "load_config", "parse_overrides", "read_json"]
 
 
+log = logging.getLogger("slider_cn.config")
+
 # Keys whose values are file-system paths: relative values resolve against the config file's
 # folder (or the working directory for command-line overrides).
 PATH_KEYS = (
@@ -32,6 +34,20 @@ PATH_KEYS = (
 )
 # Keys that are a local folder *or* a hub id: resolved only when the relative path exists.
 MODEL_KEYS = ("pretrained_model_name_or_path", "controlnet_model_name_or_path")
+# Keys only some families read (each family lists its own in ``options``); setting one for a
+# family that ignores it is a warning.
+FAMILY_OPTIONS = frozenset(
+    {
+        "flow_use_uniform_schedule",
+        "flow_sigmoid_scale",
+        "flow_schedule_shift",
+        "flow_schedule_auto_shift",
+        "flow_loss_weighting",
+        "flux_guidance_value",
+    }
+)
+# `tiny` models train at this resolution unless told otherwise (they are for tests).
+TINY_RESOLUTION = 64
 # Model names built into slider-cn; never resolved as relative paths.
 BUILTIN_MODEL_NAMES = ("tiny", "shapes", "shapes-canny")
 # Keys that must name an existing file or folder when set (checked after resolution).
@@ -89,8 +105,8 @@ class TrainConfig(BaseModel):
         description="lycoris_config.json (algo, linear_dim, linear_alpha, ...) for `lora_type: lycoris`.",
     )
     slider_lora_target: bool = Field(
-        False,
-        description="Adapt only the slider targets (self-attention, conv/proj, time embedding; never text or cross-attention).",
+        True,
+        description="Adapt only the slider targets (self-attention, conv/proj, time embedding; never text or cross-attention); `false` uses the family's ordinary LoRA targets.",
     )
     slider_neutral_mode: Literal["preserve", "regular"] = Field(
         "preserve",
@@ -150,7 +166,7 @@ class TrainConfig(BaseModel):
     resolution: int = Field(
         512,
         ge=8,
-        description="Training resolution in pixels (square), a multiple of 8; 32 by default when the model is `shapes`.",
+        description="Training resolution in pixels (square), a multiple of 8; unset uses the family's (512 for sd1x, 1024 for sdxl / sd3 / flux / zimage; 32 for `shapes`, 64 for `tiny`).",
     )
     cache_dir: str | None = Field(
         None,
@@ -186,7 +202,10 @@ class TrainConfig(BaseModel):
     max_grad_norm: float = Field(
         1.0, ge=0.0, description="Gradient clipping norm; 0 disables clipping."
     )
-    mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="Autocast precision.")
+    mixed_precision: Literal["no", "fp16", "bf16"] = Field(
+        "no",
+        description="Autocast precision; unset uses `bf16` on a GPU that supports it and `no` elsewhere.",
+    )
     base_model_precision: Literal["no", "fp8", "int8", "nf4"] = Field(
         "no",
         description="How the frozen denoiser (and a frozen ControlNet) is stored: `no` (training dtype), `fp8` / `int8` (torchao weight-only), `nf4` (bitsandbytes, CUDA only); SimpleTuner's `int8-quanto`, `fp8-torchao`, `nf4-bnb`... map to these. The slider stays full precision.",
@@ -237,7 +256,9 @@ class TrainConfig(BaseModel):
         20, ge=1, description="Denoising steps per validation image."
     )
     validation_guidance: float = Field(
-        7.5, ge=0.0, description="Classifier-free guidance scale for validation."
+        7.5,
+        ge=0.0,
+        description="Guidance scale for validation; unset uses the family's usual one (7.5 sd1x, 5 sdxl, 7 sd3, 3.5 flux, 5 zimage, 0 Z-Image Turbo).",
     )
     validation_seed: int | None = Field(
         None, ge=0, description="Seed of validation images; unset uses `seed`."
@@ -288,15 +309,42 @@ class TrainConfig(BaseModel):
             raise ValueError(
                 f"the shapes model is an sd1x pipeline; set model_family to 'sd1x' (got {self.model_family!r})"
             )
-        if self.is_shapes and "resolution" not in self.model_fields_set:
-            from slider_cn.shapes import NATIVE_RESOLUTION
-
-            object.__setattr__(self, "resolution", NATIVE_RESOLUTION)
+        self._family_defaults()
         if self.lora_type == "lycoris" and not self.lycoris_config:
             raise ValueError(
                 "lora_type 'lycoris' needs lycoris_config (a lycoris_config.json file)"
             )
         return self
+
+    def _family_defaults(self) -> None:
+        """Keys the user left unset that depend on the family, the model or the machine."""
+        from slider_cn.families import family_class
+
+        family = family_class(self.model_family)
+        given = self.model_fields_set
+        if "resolution" not in given:
+            if self.is_shapes:
+                from slider_cn.shapes import NATIVE_RESOLUTION
+
+                resolution = NATIVE_RESOLUTION
+            else:
+                resolution = TINY_RESOLUTION if self.is_tiny else family.default_resolution
+            object.__setattr__(self, "resolution", resolution)
+        if "validation_guidance" not in given:
+            guidance = family.default_validation_guidance(self.pretrained_model_name_or_path)
+            object.__setattr__(self, "validation_guidance", guidance)
+        if "mixed_precision" not in given:
+            object.__setattr__(self, "mixed_precision", _default_mixed_precision())
+        ignored = sorted(k for k in FAMILY_OPTIONS & given if k not in family.options)
+        if ignored:
+            log.warning(
+                "%s: %s %s only for other families; %s ignores %s",
+                self.model_family,
+                ", ".join(ignored),
+                "is" if len(ignored) == 1 else "are",
+                self.model_family,
+                "it" if len(ignored) == 1 else "them",
+            )
 
     @property
     def is_tiny(self) -> bool:
@@ -320,6 +368,14 @@ class TrainConfig(BaseModel):
 
 
 KNOWN_KEYS = tuple(TrainConfig.model_fields)
+
+
+def _default_mixed_precision() -> str:
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "no"
 
 
 def _normalise_key(key: str) -> str:

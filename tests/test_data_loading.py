@@ -199,3 +199,34 @@ def test_prefetch_raises_in_order_and_stops_its_thread(tmp_path):
     next(batches)
     batches.close()  # an early break: the reader thread ends with it
     assert not any(t.name.startswith("slider-cn-load") for t in threading.enumerate())
+
+
+def test_training_and_preprocessing_see_the_same_pixels(tmp_path):
+    """A transparent PNG, a 16-bit grey PNG and a .bmp: training's decoder and the conditioning
+    runner's reader give identical RGB pixels, and both list the same files."""
+    import numpy as np
+    from PIL import Image
+
+    from conditioning.images import list_images, load_rgb
+    from slider_cn.data.backends import scan_images
+    from slider_cn.data.loading import decode_image
+
+    rgba = np.zeros((8, 8, 4), dtype=np.uint8)
+    rgba[..., 0] = 200  # red everywhere, fully transparent on the left half
+    rgba[:, 4:, 3] = 255
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
+    grey = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000).astype(np.uint16)
+    Image.fromarray(grey).save(tmp_path / "b.png")  # mode I;16
+    Image.fromarray(rgba[..., :3]).save(tmp_path / "c.bmp")
+    (tmp_path / "notes.txt").write_text("not an image")
+
+    listed = [p.relative_to(tmp_path).as_posix() for p in scan_images(tmp_path)]
+    assert listed == list_images(tmp_path) == ["a.png", "b.png", "c.bmp"]
+    for name in listed:
+        trained = np.asarray(decode_image(tmp_path / name))
+        assert np.array_equal(trained, load_rgb(tmp_path / name)), name
+    transparent = np.asarray(decode_image(tmp_path / "a.png"))
+    assert (transparent[:, :4] == 255).all()  # composited on white, not black
+    assert (transparent[:, 4:] == [200, 0, 0]).all()
+    sixteen = np.asarray(decode_image(tmp_path / "b.png"))
+    assert sixteen[7, 7, 0] == (63 * 1000) >> 8  # the high byte, not clipped to 255

@@ -22,7 +22,6 @@ model is loaded, so `slider-cn train --dry-run --plan N` can use it.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -31,11 +30,11 @@ from typing import TYPE_CHECKING
 from slider_cn.data.config import BackendConfig, load_backend_configs
 from slider_cn.data.prompts import PromptEntry, PromptTask, entry_tasks, load_prompt_entries
 from slider_cn.errors import ConfigError
+from slider_cn.image_files import IMAGE_EXTENSIONS, scan_images
 
 if TYPE_CHECKING:
     from slider_cn.config import TrainConfig
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 # How many unpaired files an error message lists before it only counts the rest.
 MAX_LISTED = 20
 
@@ -89,23 +88,6 @@ class Backend:
 
 
 # --- scanning and captions -------------------------------------------------------------
-def scan_images(folder: Path, exclude: Iterable[Path] = ()) -> list[Path]:
-    """Image files under ``folder`` (recursively, sorted), skipping hidden entries and the
-    folders in ``exclude`` (other backends' folders nested inside this one)."""
-    folder = Path(folder)
-    excluded = {Path(p).resolve() for p in exclude}
-    found: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(folder):
-        here = Path(dirpath)
-        dirnames[:] = sorted(
-            d for d in dirnames if not d.startswith(".") and (here / d).resolve() not in excluded
-        )
-        for name in filenames:
-            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS:
-                found.append(here / name)
-    return sorted(found, key=lambda p: p.relative_to(folder).as_posix())
-
-
 def sample_key(path: Path, root: Path) -> str:
     """The pairing key: the path relative to the backend folder, without its extension."""
     return path.relative_to(root).with_suffix("").as_posix()
@@ -215,7 +197,7 @@ def build_backends(
         images = scan_images(folders[bc.id], nested_folders(bc.id))
         if not images:
             raise ConfigError(
-                f"{source}: backend '{bc.id}': no images ({'/'.join(e[1:] for e in IMAGE_EXTENSIONS)}) "
+                f"{source}: backend '{bc.id}': no images ({'/'.join(sorted(e[1:] for e in IMAGE_EXTENSIONS))}) "
                 f"found in {folders[bc.id]}; add images or set disabled: true"
             )
         if bc.dataset_type != "image":

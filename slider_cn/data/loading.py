@@ -29,13 +29,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 from tqdm.auto import tqdm
 
 from slider_cn.data.sampler import BatchPlan
 from slider_cn.errors import ConfigError
+from slider_cn.image_files import open_rgb
 
 
 def load_image(path: Path) -> Image.Image:
@@ -49,10 +50,7 @@ def decode_image(path: Path) -> Image.Image:
     """`load_image` without touching the warning filters (they are process-wide, not
     thread-safe): callers that decode on several threads set the filter once around them."""
     try:
-        with Image.open(path) as opened:
-            opened.load()
-            image = ImageOps.exif_transpose(opened)
-            return image.convert("RGB")
+        return open_rgb(path)
     except (
         OSError,
         ValueError,

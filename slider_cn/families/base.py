@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -30,7 +30,6 @@ class Components:
     # True when the ControlNet was built from the denoiser here (its output projections are
     # zero-initialised and must be trained in controlnet mode, docs/design.md §8.1).
     controlnet_is_fresh: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def modules(self) -> dict[str, torch.nn.Module]:
         named: dict[str, torch.nn.Module] = {"denoiser": self.denoiser, "vae": self.vae}
@@ -68,6 +67,12 @@ class ModelFamily:
     # Which modules the slider adapts, on the denoiser and on the ControlNet (the patterns of
     # slider_cn/targets/spec.py; the name and class fields are filled in by architecture()).
     targets: ClassVar[ArchitectureTargets]
+    # Training resolution when the config leaves it unset (the family's native size).
+    default_resolution: ClassVar[int] = 1024
+    # Validation guidance when the config leaves it unset (the pipeline's usual value).
+    default_guidance: ClassVar[float] = 7.5
+    # The family-specific config keys it reads (config.FAMILY_OPTIONS); others warn.
+    options: ClassVar[frozenset[str]] = frozenset()
     # what the family's ControlNet pipeline calls its conditioning image
     control_image_argument: ClassVar[str] = "control_image"
     # Keyword prefix of the pipeline's save_lora_weights (``unet_lora_layers``) and the kohya
@@ -88,6 +93,11 @@ class ModelFamily:
             denoiser_classes=(cls.denoiser_class_name(),),
             controlnet_classes=(cls.controlnet_class_name(),),
         )
+
+    @classmethod
+    def default_validation_guidance(cls, model: str) -> float:
+        """The guidance scale validation uses when the config sets none, for this model."""
+        return cls.default_guidance
 
     @classmethod
     def denoiser_class_name(cls) -> str:

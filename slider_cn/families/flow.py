@@ -101,6 +101,15 @@ class FlowMatchingFamily(ModelFamily):
 
     # Keyword prefix of the pipeline's save_lora_weights (``transformer_lora_layers``).
     lora_component: ClassVar[str] = "transformer"
+    options: ClassVar[frozenset[str]] = frozenset(
+        {
+            "flow_use_uniform_schedule",
+            "flow_sigmoid_scale",
+            "flow_schedule_shift",
+            "flow_schedule_auto_shift",
+            "flow_loss_weighting",
+        }
+    )
     # kohya-format export exists only for UNet families: kohya names these transformers by
     # their original (fused-qkv) layout, which diffusers names do not map onto one-to-one.
     kohya_prefix: ClassVar[str | None] = None
