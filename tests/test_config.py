@@ -143,3 +143,44 @@ def test_every_problem_is_reported_in_one_run(tmp_path, capsys):
         assert f"unknown key '{key}'" in err, key
     assert "did you mean 'learning_rate'" in err and "did you mean 'lora_rank'" in err
     assert "key 'train_batch_size'" in err
+
+
+def test_defaults_follow_the_family_and_the_model(caplog):
+    from slider_cn.config import TINY_RESOLUTION, TrainConfig
+
+    assert TrainConfig().slider_lora_target is True  # the slider rule, not cross-attention
+    assert TrainConfig(slider_lora_target=False).slider_lora_target is False
+    assert TrainConfig().resolution == TINY_RESOLUTION
+    assert TrainConfig(pretrained_model_name_or_path="org/sd15").resolution == 512
+    for family in ("sdxl", "sd3", "flux", "zimage"):
+        config = TrainConfig(model_family=family, pretrained_model_name_or_path="org/model")
+        assert config.resolution == 1024, family
+    assert TrainConfig(pretrained_model_name_or_path="shapes").resolution == 32
+    assert TrainConfig(model_family="sdxl", resolution=768).resolution == 768
+
+    def guidance(family: str, model: str) -> float:
+        return TrainConfig(
+            model_family=family, pretrained_model_name_or_path=model
+        ).validation_guidance
+
+    assert guidance("sd1x", "org/sd15") == 7.5
+    assert guidance("flux", "black-forest-labs/FLUX.1-dev") == 3.5
+    assert guidance("zimage", "Tongyi-MAI/Z-Image-Turbo") == 0.0
+    assert guidance("zimage", "Tongyi-MAI/Z-Image") == 5.0
+    assert TrainConfig(model_family="flux", validation_guidance=2.0).validation_guidance == 2.0
+
+    # no GPU here: no autocast unless asked for
+    assert TrainConfig().mixed_precision == "no"
+    assert TrainConfig(mixed_precision="bf16").mixed_precision == "bf16"
+
+    with caplog.at_level("WARNING", logger="slider_cn.config"):
+        TrainConfig(model_family="sd1x", flow_schedule_shift=3.0)
+    assert "flow_schedule_shift" in caplog.text and "sd1x ignores it" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="slider_cn.config"):
+        TrainConfig(model_family="sd3", flow_schedule_shift=3.0)
+        TrainConfig(model_family="flux", flux_guidance_value=3.5)
+    assert caplog.text == ""
+    with caplog.at_level("WARNING", logger="slider_cn.config"):
+        TrainConfig(model_family="sd3", flux_guidance_value=3.5)
+    assert "flux_guidance_value" in caplog.text
