@@ -305,10 +305,14 @@ class TrainConfig(BaseModel):
         # `"controlnet": true` is SimpleTuner's way of saying controlnet mode.
         if self.controlnet and self.training_mode != "controlnet":
             object.__setattr__(self, "training_mode", "controlnet")
-        if self.is_shapes and self.model_family != "sd1x":
-            raise ValueError(
-                f"the shapes model is an sd1x pipeline; set model_family to 'sd1x' (got {self.model_family!r})"
-            )
+        if self.is_shapes:
+            from slider_cn.shapes import FAMILY
+
+            if self.model_family != FAMILY:
+                raise ValueError(
+                    f"the shapes model is an {FAMILY} pipeline; set model_family to '{FAMILY}' "
+                    f"(got {self.model_family!r})"
+                )
         self._family_defaults()
         if self.lora_type == "lycoris" and not self.lycoris_config:
             raise ValueError(

@@ -23,7 +23,7 @@ def test_shapes_config_defaults_to_its_native_resolution():
     assert load_config(None, {"pretrained_model_name_or_path": "shapes"}).resolution == 32
     explicit = load_config(None, {"pretrained_model_name_or_path": "shapes", "resolution": "64"})
     assert explicit.resolution == 64
-    assert load_config(None, {}).resolution == 512
+    assert load_config(None, {"pretrained_model_name_or_path": "org/sd15"}).resolution == 512
     with pytest.raises(ConfigError, match="sd1x"):
         load_config(None, {"pretrained_model_name_or_path": "shapes", "model_family": "sdxl"})
 

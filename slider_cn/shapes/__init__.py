@@ -14,6 +14,8 @@ WEIGHTS = Path(__file__).parent / "weights"
 # Built-in model names -> the shipped diffusers folders (weights stored as fp16, loaded as fp32).
 BUILTIN_MODELS: dict[str, Path] = {"shapes": WEIGHTS / "base", "shapes-canny": WEIGHTS / "canny"}
 NATIVE_RESOLUTION = 32
+# The family of the shipped pipeline (its folders are an SD1.x diffusers pipeline).
+FAMILY = "sd1x"
 
 
 def builtin_model(name: str) -> Path | None:

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from slider_cn.shapes import FAMILY
 from slider_cn.shapes.world import COOL_HUES, WARM_HUES, render, sample_spec, with_hue
 
 # both name the held-out outline's shape, so text and ControlNet agree
@@ -136,7 +137,7 @@ def _write_validation(root: Path, seed: int) -> dict[str, Path]:
 def _training_config(seed: int) -> dict:
     """What the image and the text sliders of the shapes world share."""
     return {
-        "model_family": "sd1x",
+        "model_family": FAMILY,
         "pretrained_model_name_or_path": "shapes",
         "controlnet_model_name_or_path": "shapes-canny",
         "output_dir": "output",
