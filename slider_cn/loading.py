@@ -2,12 +2,17 @@
 
 For users' own scripts::
 
-    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
-    from slider_cn import load_slider, set_slider_strength
+    from diffusers import StableDiffusionControlNetPipeline
+    from slider_cn import load_slider, load_slider_controlnet, set_slider_strength
 
+    controlnet = load_slider_controlnet("output/")  # a run's fresh ControlNet, its family's class
     pipe = StableDiffusionControlNetPipeline.from_pretrained(base, controlnet=controlnet)
     load_slider(pipe, "output/")           # base side or ControlNet side, read from the files
     set_slider_strength(pipe, -0.5)         # reaches the UNet *and* the ControlNet
+
+The run's family (its metadata) says which classes fit: ``slider_files(out).family`` has the
+denoiser and ControlNet classes and the pipelines (``pipeline_class``,
+``controlnet_pipeline_class``); a slider given a model of another class is a ConfigError.
 
 Why not ``pipe(..., cross_attention_kwargs={"scale": s})``: in diffusers' SD/SDXL ControlNet
 pipelines that per-call scale reaches the UNet only, never the ControlNet (docs/design.md §8.8), and
@@ -25,12 +30,18 @@ from typing import Any
 
 from torch import nn
 
+from slider_cn import formats
 from slider_cn.errors import ConfigError
-from slider_cn.outputs import BASE_LORA_FILE, CONTROLNET_LORA_FILE, LYCORIS_FILE, read_metadata
+from slider_cn.formats import (
+    BASE_FOLDER,
+    BASE_LORA_FILE,
+    CONTROLNET_FOLDER,
+    CONTROLNET_LORA_FILE,
+    LYCORIS_FILE,
+    read_metadata,
+)
 
 SLIDER_ADAPTER_NAME = "slider"
-# Pipeline attributes that may hold a slider: the denoiser and the ControlNet.
-_HOLDERS = ("unet", "transformer", "controlnet")
 # LyCORIS networks loaded by load_slider, kept on their model (in a dict, so they are not
 # registered as submodules and never end up in the model's state dict).
 _LYCORIS_ATTR = "_slider_cn_lycoris"
@@ -72,8 +83,23 @@ class SliderFiles:
             return "controlnet"
         if self.base_lora is not None:
             return "denoiser"
-        mode = self.metadata.get("slider_cn.training_mode", "lora")
+        mode = self.metadata.get(formats.TRAINING_MODE, "lora")
         return "controlnet" if mode == "controlnet" else "denoiser"
+
+    @property
+    def family(self) -> Any:
+        """The family class of the run (slider_cn.families), from the slider file's metadata:
+        its diffusers classes, pipelines, LoRA component and kohya prefix."""
+        from slider_cn.families import family_class, family_names
+
+        name = self.metadata.get(formats.FAMILY)
+        if name not in family_names():
+            raise ConfigError(
+                f"{self.slider_file}: its metadata names no known model family "
+                f"({formats.FAMILY}: {name!r}; known: {', '.join(family_names())}); "
+                "pass the output_dir of a slider-cn run"
+            )
+        return family_class(name)
 
 
 def slider_files(adapter: str | Path) -> SliderFiles:
@@ -92,55 +118,97 @@ def slider_files(adapter: str | Path) -> SliderFiles:
         base_lora=found(BASE_LORA_FILE),
         controlnet_lora=found(CONTROLNET_LORA_FILE),
         lycoris=found(LYCORIS_FILE),
-        controlnet=found("controlnet") if found("controlnet/config.json") else None,
-        base=found("base") if found("base/model_index.json") else None,
+        controlnet=found(CONTROLNET_FOLDER) if found(f"{CONTROLNET_FOLDER}/config.json") else None,
+        base=found(BASE_FOLDER) if found(f"{BASE_FOLDER}/model_index.json") else None,
     )
     files.slider_file  # noqa: B018 - raises a clear error when there is none
     return files
 
 
+def check_model_folder(folder: str | Path, expected: type, what: str) -> None:
+    """A diffusers model folder must hold ``expected`` (its config's ``_class_name``): loading
+    another class's folder would build a randomly initialised ``expected``."""
+    config = Path(folder) / "config.json"
+    if not config.is_file():
+        return  # a hub id or a single file: diffusers says what is wrong with it
+    try:
+        found = json.loads(config.read_text(encoding="utf-8")).get("_class_name")
+    except (OSError, ValueError):
+        return
+    if found and found != expected.__name__:
+        raise ConfigError(
+            f"{folder} holds a {found}, but {what} needs a {expected.__name__}; pass the one the "
+            "slider was trained on"
+        )
+
+
 def load_slider_controlnet(adapter: str | Path, **kwargs: Any) -> nn.Module:
     """The ControlNet a ControlNet-side slider was trained on, when the run made a fresh one.
 
-    A fresh ControlNet (built from the base UNet) exists nowhere but the run's ``controlnet/``
-    folder; pass it to the pipeline, then ``load_slider`` puts the slider on it. ``kwargs`` go
-    to ``ControlNetModel.from_pretrained`` (e.g. ``torch_dtype``).
+    A fresh ControlNet (built from the base denoiser) exists nowhere but the run's
+    ``controlnet/`` folder; pass it to the family's ControlNet pipeline, then ``load_slider``
+    puts the slider on it. Its class is the run's family's (``ControlNetModel``,
+    ``SD3ControlNetModel``, ``FluxControlNetModel``, ``ZImageControlNetModel``); ``kwargs`` go to
+    its ``from_pretrained`` (e.g. ``torch_dtype``). A Z-Image ControlNet borrows the
+    transformer's embedders and refiners: its pipeline attaches them when it is built.
     """
-    from diffusers import ControlNetModel
-
     files = slider_files(adapter)
+    family = files.family
+    model_class = family.controlnet_model_class
     if files.controlnet is None:
-        base = files.metadata.get("slider_cn.controlnet_model") or "(none recorded)"
+        base = files.metadata.get(formats.CONTROLNET_MODEL)
+        if files.side == "controlnet" and base:
+            raise ConfigError(
+                f"{files.folder}: no {CONTROLNET_FOLDER}/ folder (the run used an existing "
+                f"ControlNet: {base}); load that one with {model_class.__name__}.from_pretrained"
+            )
         raise ConfigError(
-            f"{files.folder}: no controlnet/ folder (the run used an existing ControlNet: {base}); "
-            "load that one with ControlNetModel.from_pretrained"
+            f"{files.folder}: no {CONTROLNET_FOLDER}/ folder: this run trained a base-side "
+            f"slider (load it with load_slider into a {family.pipeline_class.__name__}) "
+            f"{'with the ControlNet ' + base if base else 'without a ControlNet'}"
         )
-    return ControlNetModel.from_pretrained(str(files.controlnet), **kwargs)
+    check_model_folder(files.controlnet, model_class, f"a {family.name} ControlNet")
+    return model_class.from_pretrained(str(files.controlnet), **kwargs)
 
 
-def _role(model: nn.Module) -> str:
-    name = type(model).__name__
-    if "ControlNet" in name:
-        return "controlnet"
-    return "unet" if name.startswith("UNet") else "transformer"
+def _family_role(model: nn.Module) -> str | None:
+    """ "controlnet" or the LoRA component name for a model of a known family's class."""
+    from slider_cn.families import family_class, family_names
+
+    for name in family_names():
+        family = family_class(name)
+        if isinstance(model, family.controlnet_model_class):
+            return "controlnet"
+        if isinstance(model, family.denoiser_model_class):
+            return family.lora_component
+    return None
+
+
+def _is_multi_controlnet(model: Any) -> bool:
+    return isinstance(getattr(model, "nets", None), nn.ModuleList)
+
+
+def _pipeline_models(pipe: Any) -> dict[str, nn.Module]:
+    components = getattr(pipe, "components", None)
+    if not isinstance(components, dict):
+        components = vars(pipe)
+    return {name: model for name, model in components.items() if isinstance(model, nn.Module)}
 
 
 def _holders(pipe_or_model: Any) -> dict[str, nn.Module]:
-    """The models of a pipeline that may carry a slider (a bare model is its own holder)."""
-    if isinstance(pipe_or_model, nn.Module) and not hasattr(pipe_or_model, "nets"):
-        return {_role(pipe_or_model): pipe_or_model}
+    """The models of a pipeline that may carry a slider, by component name (a bare model is
+    its own holder; the ControlNets of a MultiControlNetModel are ``controlnet.<i>``)."""
+    if isinstance(pipe_or_model, nn.Module):
+        if _is_multi_controlnet(pipe_or_model):
+            sources = {"controlnet": pipe_or_model}
+        else:
+            return {_family_role(pipe_or_model) or "model": pipe_or_model}
+    else:
+        sources = _pipeline_models(pipe_or_model)
     found: dict[str, nn.Module] = {}
-    sources = (
-        {"controlnet": pipe_or_model}
-        if isinstance(pipe_or_model, nn.Module)
-        else {name: getattr(pipe_or_model, name, None) for name in _HOLDERS}
-    )
     for name, model in sources.items():
-        if model is None:
-            continue
-        nets = getattr(model, "nets", None)  # MultiControlNetModel
-        if nets is not None:
-            found.update({f"{name}.{i}": net for i, net in enumerate(nets)})
+        if _is_multi_controlnet(model):
+            found.update({f"{name}.{i}": net for i, net in enumerate(model.nets)})
         else:
             found[name] = model
     return found
@@ -215,14 +283,29 @@ def _check_name_free(models: dict[str, nn.Module], adapter_name: str) -> None:
             )
 
 
-def _load_lycoris(model: nn.Module, file: Path, strength: float, adapter_name: str) -> None:
-    from lycoris import create_lycoris_from_weights
+def _lycoris_weights(file: Path, metadata: dict[str, str], prefix: str) -> dict[str, Any]:
+    """A LyCORIS slider file's weights with ``prefix`` on its module names (the file may use
+    kohya-style names: slider_cn/formats.py ``lycoris_key_prefix``)."""
+    from safetensors.torch import load_file
 
-    network, _ = create_lycoris_from_weights(strength, str(file), model)
-    if not network.loras:
+    written = metadata.get(formats.LYCORIS_PREFIX, formats.LYCORIS_NATIVE_PREFIX)
+    return formats.reprefix_lycoris(load_file(str(file)), written, prefix)
+
+
+def _load_lycoris(model: nn.Module, files: SliderFiles, strength: float, adapter_name: str) -> None:
+    from lycoris import LycorisNetwork, create_lycoris_from_weights
+
+    file = files.slider_file
+    # lycoris-lora's loader maps `<LycorisNetwork.LORA_PREFIX>_<module path>` names
+    weights = _lycoris_weights(file, files.metadata, LycorisNetwork.LORA_PREFIX)
+    network, _ = create_lycoris_from_weights(strength, str(file), model, weights_sd=weights)
+    wanted = {key.partition(".")[0] for key in weights if "." in key}
+    unmatched = sorted(wanted - {lora.lora_name for lora in network.loras})
+    if unmatched:
         raise ConfigError(
-            f"{file}: none of its LyCORIS modules match {type(model).__name__}; load it into the "
-            "model it was trained on"
+            f"{file}: {len(unmatched)} of its {len(wanted)} LyCORIS modules match no module of "
+            f"{type(model).__name__} (e.g. {unmatched[0]}); load it into the model it was "
+            "trained on"
         )
     network.apply_to()
     first = next(model.parameters())
@@ -233,6 +316,60 @@ def _load_lycoris(model: nn.Module, file: Path, strength: float, adapter_name: s
     object.__setattr__(model, _LYCORIS_ATTR, holder)
 
 
+def _target(pipe: Any, holders: dict[str, nn.Module], files: SliderFiles) -> str:
+    """The holder the slider goes into: the ControlNet or the family's denoiser, checked to be
+    of the run's family's class."""
+    family = files.family
+    bare = isinstance(pipe, nn.Module) and not _is_multi_controlnet(pipe)
+    if files.side == "controlnet":
+        expected, what = family.controlnet_model_class, "ControlNet"
+        name = next(iter(holders)) if bare else "controlnet"
+        if not bare and name not in holders:
+            if any(n.startswith("controlnet.") for n in holders):
+                raise ConfigError(
+                    "a MultiControlNetModel pipeline: load the slider into the one ControlNet it "
+                    "was trained on with load_slider(that_controlnet, ...) before building the "
+                    "pipeline"
+                )
+            raise ConfigError(
+                f"{files.slider_file}: a ControlNet-side slider needs a pipeline with a "
+                f"ControlNet ({family.controlnet_pipeline_class.__name__}); "
+                f"{type(pipe).__name__} has none"
+            )
+    else:
+        expected, what = family.denoiser_model_class, "denoiser"
+        name = next(iter(holders)) if bare else family.lora_component
+        if not bare and name not in holders:
+            raise ConfigError(
+                f"{files.slider_file}: a base-side {family.name} slider goes into the "
+                f"{name} of a {family.pipeline_class.__name__} (or "
+                f"{family.controlnet_pipeline_class.__name__}); {type(pipe).__name__} has no {name}"
+            )
+    if not isinstance(holders[name], expected):
+        pipeline = (
+            family.controlnet_pipeline_class
+            if files.side == "controlnet"
+            else family.pipeline_class
+        )
+        raise ConfigError(
+            f"{files.slider_file} was trained on a {family.name} {what} ({expected.__name__}); "
+            f"got a {type(holders[name]).__name__}: load it into a {pipeline.__name__} of that "
+            "family (slider_cn.load_slider_controlnet gives a fresh run's ControlNet)"
+        )
+    return name
+
+
+def _is_mismatch(exc: Exception) -> bool:
+    """A library error that means the file does not fit the model (not a bug or an OOM)."""
+    from peft.utils.error import PeftError
+
+    if isinstance(exc, (PeftError, ValueError, KeyError)):
+        return True
+    return isinstance(exc, RuntimeError) and (
+        "size mismatch" in str(exc) or "Error(s) in loading state_dict" in str(exc)
+    )
+
+
 def load_slider(
     pipe: Any,
     adapter: str | Path,
@@ -241,6 +378,9 @@ def load_slider(
     adapter_name: str = SLIDER_ADAPTER_NAME,
 ) -> list[str]:
     """Load the slider of a slider-cn output folder into ``pipe`` and set its strength.
+
+    ``pipe`` is the run's family's pipeline (plain or with a ControlNet), or the bare model the
+    slider was trained on (its denoiser or ControlNet).
 
     - base-side slider (``pytorch_lora_weights.safetensors``): ``pipe.load_lora_weights``;
     - ControlNet-side slider (``controlnet_slider.safetensors``):
@@ -255,42 +395,36 @@ def load_slider(
     files = slider_files(adapter)
     holders = _holders(pipe)
     _check_name_free(holders, adapter_name)
-    side = files.side
-    if side == "controlnet":
-        target_name = next((n for n in holders if n.startswith("controlnet")), None)
-        if target_name is None:
-            raise ConfigError(
-                f"{files.slider_file}: a ControlNet-side slider needs a pipeline with a ControlNet "
-                f"(StableDiffusionControlNetPipeline, ...); {type(pipe).__name__} has none"
-            )
-        if target_name != "controlnet":
-            raise ConfigError(
-                "a MultiControlNetModel pipeline: load the slider into the one ControlNet it was "
-                "trained on with load_slider(that_controlnet, ...) before building the pipeline"
-            )
-    else:
-        target_name = next((n for n in ("unet", "transformer") if n in holders), None)
-        if target_name is None:
-            raise ConfigError(
-                f"{files.slider_file}: a base-side slider goes into the denoiser; "
-                f"{type(pipe).__name__} has no unet or transformer"
-            )
+    target_name = _target(pipe, holders, files)
     model = holders[target_name]
     previous = _active_adapters(model)
+    component = files.family.lora_component
 
-    if files.is_lycoris:
-        _load_lycoris(model, files.slider_file, strength, adapter_name)
-    elif side == "controlnet":
-        model.load_lora_adapter(str(files.controlnet_lora), prefix=None, adapter_name=adapter_name)
-    elif hasattr(pipe, "load_lora_weights"):
-        pipe.load_lora_weights(
-            str(files.folder), weight_name=BASE_LORA_FILE, adapter_name=adapter_name
-        )
-    else:  # a bare denoiser: its file's keys carry the "unet." / "transformer." prefix
-        prefix = "unet" if type(model).__name__.startswith("UNet") else "transformer"
-        model.load_lora_adapter(
-            str(files.folder), weight_name=BASE_LORA_FILE, prefix=prefix, adapter_name=adapter_name
-        )
+    try:
+        if files.is_lycoris:
+            _load_lycoris(model, files, strength, adapter_name)
+        elif files.side == "controlnet":
+            model.load_lora_adapter(
+                str(files.controlnet_lora), prefix=None, adapter_name=adapter_name
+            )
+        elif hasattr(pipe, "load_lora_weights"):
+            pipe.load_lora_weights(
+                str(files.folder), weight_name=BASE_LORA_FILE, adapter_name=adapter_name
+            )
+        else:  # a bare denoiser: the file's keys carry the family's component prefix
+            model.load_lora_adapter(
+                str(files.folder),
+                weight_name=BASE_LORA_FILE,
+                prefix=component,
+                adapter_name=adapter_name,
+            )
+    except Exception as exc:
+        if isinstance(exc, ConfigError) or not _is_mismatch(exc):
+            raise
+        raise ConfigError(
+            f"{files.slider_file} does not fit {target_name} ({type(model).__name__}): {exc}; "
+            "load it into the model it was trained on"
+        ) from None
     if not files.is_lycoris:
         if not _lora_layers(model, adapter_name):
             raise ConfigError(f"{files.slider_file}: no LoRA weights in it fit {target_name}")
@@ -303,9 +437,7 @@ def slider_info(adapter: str | Path) -> dict[str, Any]:
     """The slider-cn metadata of a run (family, mode, targets, strengths, rank/alpha, ...)."""
     meta = slider_files(adapter).metadata
     info: dict[str, Any] = {}
-    for key, value in meta.items():
-        if not key.startswith("slider_cn."):
-            continue
+    for key, value in formats.slider_cn_metadata(meta).items():
         short = key.removeprefix("slider_cn.")
         try:
             info[short] = json.loads(value)

@@ -6,7 +6,8 @@
 - ControlNet-side PEFT LoRA: `controlnet_slider.safetensors` (unprefixed keys, loads with
   `pipe.controlnet.load_lora_adapter(path, prefix=None)`); a fresh ControlNet (its trained
   output projections included, the slider not merged) is saved to `controlnet/`;
-- LyCORIS: `slider_lycoris.safetensors` in the lycoris-lora library's own format;
+- LyCORIS: `slider_lycoris.safetensors`, lycoris-lora's layout with kohya-style module names
+  (`lora_unet_...`) for UNet families (slider_cn/formats.py `lycoris_key_prefix`);
 - `tiny` runs: the base components in `base/`, so the result can be loaded and inspected.
 Every safetensors file carries slider-cn metadata (family, mode, targets, strengths, rank/alpha,
 base model).
@@ -16,49 +17,46 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import torch
 from peft import LoraConfig
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from slider_cn import export
-
-BASE_LORA_FILE = "pytorch_lora_weights.safetensors"
-KOHYA_FILE = "slider_kohya.safetensors"
-CONTROLNET_LORA_FILE = "controlnet_slider.safetensors"
-LYCORIS_FILE = "slider_lycoris.safetensors"
-
-
-# Metadata flag: the file's lora_B holds alpha/r and its adapter config says alpha = r.
-ALPHA_FOLDED = "slider_cn.alpha_folded"
-
-
-def fold_alpha(
-    state: dict[str, torch.Tensor], *, alpha: float, rank: int
-) -> dict[str, torch.Tensor]:
-    """LoRA weights with the scale alpha/r moved into lora_B, for loaders that assume alpha = r."""
-    scale = float(alpha) / float(rank)
-    return {k: v * scale if ".lora_B." in k else v for k, v in state.items()}
+from slider_cn import formats
+from slider_cn.formats import (
+    ALPHA_FOLDED,
+    BASE_FOLDER,
+    BASE_LORA_FILE,
+    CONTROLNET_FOLDER,
+    CONTROLNET_LORA_FILE,
+    FOLDER_METADATA_FILE,
+    KOHYA_FILE,
+    LYCORIS_FILE,
+    LYCORIS_PREFIX,
+    RUN_FILE,
+    add_metadata,
+    fold_alpha,
+    jsonable,
+    peft_to_kohya,
+)
 
 
 def slider_metadata(config, family, targets, backends, steps: int, adapter) -> dict[str, str]:
     strengths = {b.id: b.slider_strength for b in backends if b.slider_strength}
     return {
-        "slider_cn.family": family.name,
-        "slider_cn.training_mode": config.training_mode,
-        "slider_cn.lora_type": config.lora_type,
-        "slider_cn.targets": json.dumps(list(targets.names)),
-        "slider_cn.strengths": json.dumps(strengths),
-        "slider_cn.rank": str(adapter.rank),
-        "slider_cn.alpha": str(adapter.alpha),
-        "slider_cn.base_model": config.pretrained_model_name_or_path,
-        "slider_cn.controlnet_model": config.controlnet_model_name_or_path or "",
-        "slider_cn.neutral_mode": config.slider_neutral_mode,
-        "slider_cn.steps": str(steps),
+        formats.FAMILY: family.name,
+        formats.TRAINING_MODE: config.training_mode,
+        formats.LORA_TYPE: config.lora_type,
+        formats.TARGETS: json.dumps(list(targets.names)),
+        formats.STRENGTHS: json.dumps(strengths),
+        formats.RANK: str(adapter.rank),
+        formats.ALPHA: str(adapter.alpha),
+        formats.BASE_MODEL: config.pretrained_model_name_or_path,
+        formats.CONTROLNET_MODEL: config.controlnet_model_name_or_path or "",
+        formats.NEUTRAL_MODE: config.slider_neutral_mode,
+        formats.STEPS: str(steps),
         # the text sliders it learned, so a file says what its ends mean
-        "slider_cn.prompts": json.dumps(
+        formats.PROMPTS: json.dumps(
             {
                 b.prompt.entry: b.prompt.to_json()
                 for b in backends
@@ -66,21 +64,6 @@ def slider_metadata(config, family, targets, backends, steps: int, adapter) -> d
             }
         ),
     }
-
-
-def add_metadata(path: str | Path, extra: dict[str, str]) -> None:
-    """Merge ``extra`` into a safetensors file's metadata, keeping what is there."""
-    path = Path(path)
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = dict(handle.metadata() or {})
-    tensors = load_file(str(path))
-    metadata.update(extra)
-    save_file(tensors, str(path), metadata=metadata)
-
-
-def read_metadata(path: str | Path) -> dict[str, str]:
-    with safe_open(str(path), framework="pt") as handle:
-        return dict(handle.metadata() or {})
 
 
 def clean_copy(model: torch.nn.Module) -> torch.nn.Module:
@@ -93,6 +76,31 @@ def clean_copy(model: torch.nn.Module) -> torch.nn.Module:
         state[key.replace(".base_layer.", ".")] = value
     clean.load_state_dict(state, strict=True)
     return clean
+
+
+def lycoris_file_names(adapter, prefix: str) -> dict[str, str]:
+    """A LyCORIS slider's module names in memory -> in its file: ``<prefix>_<module path>``.
+
+    The module path is the adapted module's own (``...attn1.to_q``), also where an assistant's
+    PEFT layer wraps it (the network then adapts ``...to_q.base_layer``), whatever prefix the
+    network was built with; the network in memory and checkpoints keep their names.
+    """
+    paths = {
+        id(module): name.removesuffix(".base_layer")
+        for name, module in _unwrap(adapter.model).named_modules()
+    }
+    return {
+        lora.lora_name: formats.kohya_module_name(prefix, paths[id(lora.org_module[0])])
+        for lora in adapter.network.loras
+    }
+
+
+def lycoris_file_state(adapter, prefix: str) -> dict[str, torch.Tensor]:
+    """A LyCORIS slider's weights as its file holds them (``lycoris_file_names``)."""
+    state = {
+        k: v.detach().float().cpu().contiguous() for k, v in adapter.network.state_dict().items()
+    }
+    return formats.rename_lycoris_modules(state, lycoris_file_names(adapter, prefix))
 
 
 def write_final_outputs(
@@ -116,13 +124,18 @@ def write_final_outputs(
 
     if adapter.kind == "lycoris":
         path = output_dir / LYCORIS_FILE
-        adapter.network.save_weights(str(path), torch.float32, metadata)
+        prefix = formats.lycoris_key_prefix(family, side)
+        save_file(
+            lycoris_file_state(adapter, prefix),
+            str(path),
+            metadata={**metadata, LYCORIS_PREFIX: prefix},
+        )
         written["lycoris"] = path
     else:
         lora_state = {
             k: v.detach().float().cpu().contiguous() for k, v in adapter.state_dict().items()
         }
-        lora_config = _jsonable(
+        lora_config = jsonable(
             LoraConfig(
                 r=adapter.rank, lora_alpha=adapter.alpha, target_modules=list(adapter.target_names)
             ).to_dict()
@@ -140,10 +153,8 @@ def write_final_outputs(
             )
             add_metadata(output_dir / BASE_LORA_FILE, metadata)
             written["diffusers"] = output_dir / BASE_LORA_FILE
-            if family.kohya_prefix is not None:  # UNet families only
-                kohya = export.peft_to_kohya(
-                    lora_state, alpha=adapter.alpha, prefix=family.kohya_prefix
-                )
+            if family.kohya_prefix is not None:  # families whose kohya names are diffusers'
+                kohya = peft_to_kohya(lora_state, alpha=adapter.alpha, prefix=family.kohya_prefix)
                 save_file(
                     kohya,
                     str(output_dir / KOHYA_FILE),
@@ -165,7 +176,7 @@ def write_final_outputs(
                 str(path),
                 metadata={
                     "format": "pt",
-                    "lora_adapter_metadata": json.dumps(
+                    formats.DIFFUSERS_ADAPTER_METADATA: json.dumps(
                         {**lora_config, "lora_alpha": adapter.rank}, sort_keys=True
                     ),
                     **metadata,
@@ -177,7 +188,7 @@ def write_final_outputs(
     if side == "controlnet" and components.controlnet_is_fresh:
         # A fresh ControlNet exists nowhere else: save it as initialised plus its trained output
         # projections, without the slider (which loads on top of it).
-        folder = output_dir / "controlnet"
+        folder = output_dir / CONTROLNET_FOLDER
         if config.base_model_precision != "no":
             # the denoiser in memory is stored quantized: initialise from the base as loaded
             denoiser = family.load_components(with_controlnet=False).denoiser
@@ -190,34 +201,23 @@ def write_final_outputs(
         for name in projection_names:
             dict(controlnet.named_modules())[name].load_state_dict(trained[name].state_dict())
         controlnet.save_pretrained(str(folder), safe_serialization=True)
-        (folder / "slider_cn.json").write_text(json.dumps(metadata, indent=2), encoding="utf-8")
+        (folder / FOLDER_METADATA_FILE).write_text(json.dumps(metadata, indent=2), encoding="utf-8")
         written["controlnet"] = folder
 
     if config.is_tiny:
         # `tiny` is deterministic per seed: rebuild the untouched base rather than strip adapters.
-        family.save_pretrained(family.load_components(with_controlnet=False), output_dir / "base")
-        written["base"] = output_dir / "base"
+        family.save_pretrained(
+            family.load_components(with_controlnet=False), output_dir / BASE_FOLDER
+        )
+        written["base"] = output_dir / BASE_FOLDER
 
-    (output_dir / "slider_cn_run.json").write_text(
+    (output_dir / RUN_FILE).write_text(
         json.dumps(
             {"metadata": metadata, "files": {k: str(v) for k, v in written.items()}}, indent=2
         ),
         encoding="utf-8",
     )
     return written
-
-
-def _jsonable(value: Any) -> Any:
-    """LoraConfig.to_dict() holds sets and enums; safetensors metadata needs JSON."""
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (set, frozenset, tuple, list)):
-        return [
-            _jsonable(v) for v in (sorted(value) if isinstance(value, (set, frozenset)) else value)
-        ]
-    if hasattr(value, "value") and not isinstance(value, (int, float, str, bool)):
-        return value.value
-    return value
 
 
 def _has_adapters(model: torch.nn.Module) -> bool:
