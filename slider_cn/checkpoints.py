@@ -29,13 +29,13 @@ _NAME = re.compile(rf"^{PREFIX}(\d+)$")
 
 @dataclass
 class TrainingState:
-    """What a checkpoint restores, besides the optimizer and scheduler objects."""
+    """What a checkpoint gives back besides what `load_checkpoint` restores in place (the
+    optimizer, the scheduler and the RNG states). The epoch it was saved in is in state.json too,
+    but the sampler state holds the position to resume from."""
 
     step: int
-    epoch: int
     weights: dict[str, torch.Tensor]
     sampler: dict[str, Any]
-    noise_generator: torch.Tensor
     extra: dict[str, Any]
 
 
@@ -213,9 +213,7 @@ def load_checkpoint(
     _set_rng_states(rng)
     return TrainingState(
         step=state["step"],
-        epoch=state["epoch"],
         weights=load_file(str(path / "trainable.safetensors")),
         sampler=state["sampler"],
-        noise_generator=noise_generator.get_state(),
         extra=state.get("extra", {}),
     )
