@@ -189,13 +189,13 @@ def test_output_dir_with_another_runs_checkpoints_is_refused(tmp_path):
 
 
 def test_controlnet_mode_without_conditioning_fails_before_loading_models(tmp_path, monkeypatch):
-    from slider_cn.families.sd import SD1xFamily
+    from slider_cn.families import get_family
 
     def boom(*args, **kwargs):
         raise AssertionError("models were loaded")
 
-    monkeypatch.setattr(SD1xFamily, "load_components", boom)
     config = make_config(tmp_path / "run", training_mode="controlnet")
+    monkeypatch.setattr(type(get_family(config)), "load_components", boom)
     with pytest.raises(ConfigError, match="needs conditioning images.*circle-plus"):
         train(config)
 
