@@ -99,8 +99,12 @@ def export_slider(
                 f"loads its {family.lora_component}.* keys)"
             )
         state = _scaled(load_file(str(source)), strength)
-        alpha = formats.training_alpha(metadata, source)
         rank = metadata.get(formats.RANK, "")
+        alpha = formats.training_alpha(metadata, source)
+        if metadata.get(formats.ALPHA_FOLDED) == "true":
+            # kohya files carry the true alpha (docs/design.md §8.7): take alpha/r back out
+            true_rank = formats.training_rank(metadata, source)
+            state = formats.fold_alpha(state, alpha=true_rank, rank=alpha)
         path = (
             Path(output)
             if output

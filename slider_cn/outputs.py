@@ -141,17 +141,25 @@ def write_final_outputs(
             ).to_dict()
         )
         if side == "denoiser":
-            # unet_lora_layers for UNet families, transformer_lora_layers for transformers
+            # unet_lora_layers for UNet families, transformer_lora_layers for transformers.
+            # alpha/r folded into lora_B and lora_alpha = r, as the ControlNet-side file: ComfyUI
+            # reads no adapter metadata (no `.alpha` keys means scale 1) and would otherwise
+            # rescale the slider by r/alpha; diffusers reads lora_alpha = r, the same scale.
             component = family.lora_component
             family.pipeline_class.save_lora_weights(
                 str(output_dir),
                 **{
-                    f"{component}_lora_layers": lora_state,
-                    f"{component}_lora_adapter_metadata": lora_config,
+                    f"{component}_lora_layers": fold_alpha(
+                        lora_state, alpha=adapter.alpha, rank=adapter.rank
+                    ),
+                    f"{component}_lora_adapter_metadata": {
+                        **lora_config,
+                        "lora_alpha": adapter.rank,
+                    },
                 },
                 weight_name=BASE_LORA_FILE,
             )
-            add_metadata(output_dir / BASE_LORA_FILE, metadata)
+            add_metadata(output_dir / BASE_LORA_FILE, {**metadata, ALPHA_FOLDED: "true"})
             written["diffusers"] = output_dir / BASE_LORA_FILE
             if family.kohya_prefix is not None:  # families whose kohya names are diffusers'
                 kohya = peft_to_kohya(lora_state, alpha=adapter.alpha, prefix=family.kohya_prefix)

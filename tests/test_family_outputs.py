@@ -182,6 +182,18 @@ def test_load_slider_into_the_family_pipeline_reproduces_training(runs, family, 
         check(run, "load_slider", predict(run, **models(run, pipe)), trained(run, s))
     # not vacuous: the slider moves the prediction far beyond the tolerance
     assert (trained(run, 1.0) - trained(run, 0.0)).abs().max() > 1e-3
+    # the file training writes gives the trained scale (alpha 2, rank 4) to a loader that reads
+    # no adapter metadata too (ComfyUI: no `.alpha` keys means alpha = r): alpha/r is folded
+    plain = pipeline(run)
+    component = run.cls.lora_component
+    name = formats.CONTROLNET_LORA_FILE if mode == "controlnet" else formats.BASE_LORA_FILE
+    model = plain.controlnet if mode == "controlnet" else getattr(plain, component)
+    model.load_lora_adapter(
+        str(run.out / name),
+        prefix=None if mode == "controlnet" else component,
+        adapter_name="slider",
+    )
+    check(run, "training file, alpha=r", predict(run, **models(run, plain)), trained(run, 1.0))
 
 
 # --- exports ----------------------------------------------------------------------------------
