@@ -344,6 +344,39 @@ def _run_export(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- ui ----------------------------------------------------------------------------------
+def _add_ui(subparsers) -> None:
+    p = subparsers.add_parser(
+        "ui",
+        allow_abbrev=False,
+        help="a local web page to configure, preview, launch and watch a slider run",
+        description="Serve the web UI over a workspace folder and print its URL. Any host other "
+        "than loopback requires a token (--token, $SLIDER_CN_UI_TOKEN, or a generated one).",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=7860, help="port (default 7860; 0: any free one)")
+    p.add_argument("--workspace", default=".", help="the folder the UI may read and write")
+    p.add_argument("--token", help="the token every request must carry (default: generated)")
+    p.add_argument("--config", default="config.json", help="config file to open first")
+    p.add_argument(
+        "--max-upload-mb", type=_finite_float, default=50.0, help="upload size limit (default 50)"
+    )
+    p.set_defaults(func=_run_ui)
+
+
+def _run_ui(args: argparse.Namespace) -> int:
+    from slider_cn.ui import serve
+
+    return serve(
+        args.workspace,
+        host=args.host,
+        port=args.port,
+        token=args.token,
+        config=args.config,
+        max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
+    )
+
+
 SUBCOMMANDS = (
     _add_train,
     _add_preprocess,
@@ -351,6 +384,7 @@ SUBCOMMANDS = (
     _add_validate,
     _add_evaluate,
     _add_export,
+    _add_ui,
 )
 
 
