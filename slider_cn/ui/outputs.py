@@ -9,12 +9,13 @@ from typing import Any
 
 from slider_cn.ui.workspace import Workspace
 
-# kind (as slider_cn_run.json names the files a run wrote) -> what it is and how to load it
+# kind (as slider_cn_run.json names the files a run wrote) -> what it is and how to load it:
+# the README's "Use your slider" table, shortened; keep the two in step.
 LOAD_INSTRUCTIONS: dict[str, dict[str, str]] = {
     "diffusers": {
-        "what": "base-side slider, diffusers/PEFT keys, rank and alpha in its metadata",
+        "what": "base-side slider, diffusers/PEFT keys (alpha/r folded into lora_B)",
         "diffusers": "pipe.load_lora_weights(output_dir)",
-        "comfyui": "use the kohya file",
+        "comfyui": "SD UNets: use the kohya file; SD3 / Flux / Z-Image: models/loras/, Load LoRA",
     },
     "kohya": {
         "what": "the same slider, kohya keys with the true alpha",
@@ -22,7 +23,7 @@ LOAD_INSTRUCTIONS: dict[str, dict[str, str]] = {
         "comfyui": "models/loras/, LoraLoaderModelOnly (or Load LoRA)",
     },
     "controlnet_lora": {
-        "what": "ControlNet-side slider, unprefixed PEFT keys",
+        "what": "ControlNet-side slider, unprefixed PEFT keys (alpha/r folded into lora_B)",
         "diffusers": "pipe.controlnet.load_lora_adapter(path, prefix=None)",
         "comfyui": "not loadable on a ControlNet: export merged-controlnet",
     },
