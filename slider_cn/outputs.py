@@ -19,6 +19,7 @@ import json
 from pathlib import Path
 
 import torch
+from accelerate.utils import extract_model_from_parallel as unwrap_model  # DDP, compile
 from peft import LoraConfig
 from safetensors.torch import save_file
 
@@ -87,7 +88,7 @@ def lycoris_file_names(adapter, prefix: str) -> dict[str, str]:
     """
     paths = {
         id(module): name.removesuffix(".base_layer")
-        for name, module in _unwrap(adapter.model).named_modules()
+        for name, module in unwrap_model(adapter.model).named_modules()
     }
     return {
         lora.lora_name: formats.kohya_module_name(prefix, paths[id(lora.org_module[0])])
@@ -201,11 +202,11 @@ def write_final_outputs(
             # the denoiser in memory is stored quantized: initialise from the base as loaded
             denoiser = family.load_components(with_controlnet=False).denoiser
         else:
-            denoiser = _unwrap(components.denoiser)
+            denoiser = unwrap_model(components.denoiser)
             if _has_adapters(denoiser):  # e.g. an assistant LoRA: initialise from the clean base
                 denoiser = clean_copy(denoiser)
         controlnet = family.fresh_controlnet(denoiser)
-        trained = dict(_unwrap(trainable).named_modules())
+        trained = dict(unwrap_model(trainable).named_modules())
         for name in projection_names:
             dict(controlnet.named_modules())[name].load_state_dict(trained[name].state_dict())
         controlnet.save_pretrained(str(folder), safe_serialization=True)
@@ -234,7 +235,3 @@ def _has_adapters(model: torch.nn.Module) -> bool:
 
 def _is_adapter_key(key: str) -> bool:
     return "lora_" in key or ".lokr_" in key or ".hada_" in key or ".base_layer." in key
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return getattr(model, "module", model)  # DDP wraps the trained model

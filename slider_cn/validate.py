@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import extract_model_from_parallel as unwrap_model  # DDP, compile
 from PIL import Image, ImageDraw, ImageFont
 
 from slider_cn import formats
@@ -200,10 +201,6 @@ def sweep_grid(tiles: Sequence[tuple[float, Image.Image]]) -> Image.Image:
     return grid
 
 
-def _unwrap(module: Any) -> Any:
-    return getattr(module, "module", module)  # DDP wraps the trained model
-
-
 @contextlib.contextmanager
 def _inference_precision(components: Any) -> Iterator[None]:
     # Under mixed precision the frozen weights are half and the trained ones fp32: autocast
@@ -255,15 +252,17 @@ class SweepRenderer:
         self.image = conditioning_image(config, components)
         self.view = dataclasses.replace(
             components,
-            denoiser=_unwrap(components.denoiser),
-            controlnet=None if components.controlnet is None else _unwrap(components.controlnet),
+            denoiser=unwrap_model(components.denoiser),
+            controlnet=None
+            if components.controlnet is None
+            else unwrap_model(components.controlnet),
         )
         self.pipe = family.validation_pipeline(self.view)
         self.pipe.set_progress_bar_config(disable=True)
         self._stack = contextlib.ExitStack()
 
     def __enter__(self) -> SweepRenderer:
-        self._stack.enter_context(_eval_mode(_unwrap(self.adapter.model)))
+        self._stack.enter_context(_eval_mode(unwrap_model(self.adapter.model)))
         if self.assistant is not None:
             self._stack.enter_context(
                 self.assistant.strength_as(self.config.assistant_lora_inference_strength)
