@@ -2,10 +2,11 @@
 
     python bench/cache.py [--images 8] [--resolution 512] [--batch 1] [--step-ms 150]
 
-The data path is train.py's, per micro-batch: the sampler's plan, `load_batch(pixels=False)`
-(conditioning images decoded here), latents from `EncodedCache.latents` and text embeddings
-from `EncodedCache.text`, on the tiny sd1x encoders with a synthetic dataset with conditioning
-(write_demo_dataset, `--images` per group, three groups). Epoch 1 starts from an empty cache and
+The data path is the training recipe's (slider_cn/recipe.py), per micro-batch: the sampler's
+plan, `load_batch(pixels=False)` (conditioning images decoded here), latents from
+`EncodedCache.latents` and text embeddings from `EncodedCache.text`, on the tiny sd1x encoders
+with a synthetic dataset with conditioning (write_demo_dataset, `--images` per group, three
+groups). Epoch 1 starts from an empty cache and
 runs the VAE and the text encoder; epoch 2 must run neither: the calls are counted at the
 modules (forward hooks on the text encoders, a wrapper on `vae.encode`), not at slider-cn's own
 counters. The tiny VAE is far cheaper than SD's, so the real first epoch costs much more and
@@ -13,7 +14,7 @@ the ratio here is a worst case for the cache.
 
 With --step-ms > 0 a third part replays the warm epoch with a stand-in for the training step
 (a sleep: the time the loop waits on the GPU) and reports the time per micro-batch with the
-next batch read while the step runs (train.py's `prefetch_batches`) and without it.
+next batch read while the step runs (the recipe's `prefetch_batches`) and without it.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ class Calls:
 
 
 def run_epoch(sampler, cache, epoch: int, *, prefetch: bool, step_s: float = 0.0):
-    """One epoch of train.py's data path; returns (seconds, per-part seconds per micro-batch)."""
+    """One epoch of the recipe's data path; returns (seconds, per-part seconds per micro-batch)."""
     from slider_cn.data.loading import load_batch, prefetch_batches
 
     parts = {"load_batch": [], "latents": [], "text": []}

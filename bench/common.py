@@ -1,11 +1,12 @@
 """What bench/train_step.py (CPU) and bench/gpu_step.py (CUDA) share: the models, and one
 training step done two ways on the same inputs.
 
-- `SliderRunner`: slider-cn's own path, built the way slider_cn/train.py builds it (slider
-  targets resolved on the model, `attach_slider_adapter`, fp32 master weights, the same
-  optimizer function, an accelerate-prepared model, `SliderStep`) and stepped the way its loop
-  steps one micro-batch (accumulate + autocast, `SliderStep` with `accelerator.backward`, the
-  finite-loss check, gradient clipping, optimizer and scheduler step, `loss.item()`).
+- `SliderRunner`: slider-cn's own path, nothing copied: `BenchRecipe` (slider_cn/recipe.py's
+  `SliderRecipe` with the bench's models in place of the family's) runs the recipe's whole
+  setup (slider targets, adapter, fp32 master weights, frozen precision, optimizer, accelerate),
+  and each step is the recipe's `train_micro_batch` (accumulate + autocast, `SliderStep` with
+  `accelerator.backward`, the non-finite check, clipping, optimizer and scheduler step, the
+  train_log record with `loss.item()`).
 - `PlainRunner`: the plainest loop a user would write with diffusers + peft: `add_adapter`
   with a LoraConfig on the same modules, `cast_training_params`, AdamW, `torch.autocast`,
   noise and timesteps drawn on the device, clip, step, `loss.item()`.
@@ -21,6 +22,7 @@ import copy
 import gc
 import itertools
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +34,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from slider_cn.config import TrainConfig  # noqa: E402
+from slider_cn.data.sampler import BatchPlan  # noqa: E402
+from slider_cn.recipe import SliderRecipe  # noqa: E402
 
 # runwayml/stable-diffusion-v1-5, unet/config.json (860M parameters).
 SD15_UNET = {
@@ -177,7 +181,7 @@ class Options:
     gradient_checkpointing: bool = False
     channels_last: bool = False
     compile: str | None = None  # a torch.compile backend, or None
-    fused: bool | None = None  # None: what train.py does (fused on CUDA)
+    fused: bool | None = None  # None: what the recipe does (fused on CUDA)
     base_precision: str = "no"  # base_model_precision of the frozen modules (slider_cn.precision)
     learning_rate: float = 1e-4
     max_grad_norm: float = 1.0
@@ -186,21 +190,6 @@ class Options:
     @property
     def dtype(self) -> torch.dtype:
         return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision, torch.float32)
-
-
-_ACCELERATOR = None
-
-
-def accelerator_for(precision: str):
-    """One Accelerator per process (its state is a singleton), as train.py makes it."""
-    global _ACCELERATOR
-    from accelerate import Accelerator
-
-    if _ACCELERATOR is None:
-        _ACCELERATOR = Accelerator(gradient_accumulation_steps=1, mixed_precision=precision)
-    if _ACCELERATOR.mixed_precision != precision:
-        raise ValueError("one precision per process")
-    return _ACCELERATOR
 
 
 def _models_for(case: str, model: str, device: torch.device, seed: int):
@@ -221,8 +210,74 @@ def _maybe_compile(module, options: Options):
     return torch.compile(module, backend=options.compile)
 
 
+class BenchRecipe(SliderRecipe):
+    """slider-cn's training recipe with the bench's models in place of the family's: the whole
+    setup (targets, adapter, fp32 master weights, frozen precision, optimizer, accelerate) and
+    the micro-batch step are the recipe's own. The config's dataset (a small demo one) is set up
+    as usual but not read: the bench hands the step its inputs, as a warm cache gives them.
+    ``vae`` is what the step needs of one (nothing for image sliders: the latents come in)."""
+
+    def __init__(self, config: TrainConfig, models, device: torch.device, vae=None):
+        super().__init__(config)
+        self.models, self.vae = models, vae
+        self.cpu = device.type == "cpu"  # the bench's device, GPU or not
+
+    def _load_components(self):
+        from slider_cn.families.base import Components
+        from slider_cn.families.sd import sd_noise_scheduler
+
+        unet, controlnet = self.models
+        for module in (unet, controlnet):
+            if module is not None:
+                module.requires_grad_(False)
+                module.eval()
+        return Components(
+            denoiser=unet,
+            vae=self.vae if self.vae is not None else torch.nn.Identity(),
+            text_encoders=[],
+            tokenizers=[],
+            noise_scheduler=sd_noise_scheduler(),
+            controlnet=controlnet,
+        )
+
+
+def bench_config(root: Path, mode: str, *, conditioning: bool, **overrides) -> TrainConfig:
+    """A training config for the recipe on a small demo dataset under ``root`` (strengths
+    +-0.5, as the bench's inputs; conditioning images for a ControlNet in the loop)."""
+    from slider_cn.config import load_config
+    from slider_cn.demo_data import write_demo_dataset
+
+    paths = write_demo_dataset(
+        root, images_per_group=1, conditioning="folders" if conditioning else None
+    )
+    values = {
+        "training_mode": mode,
+        "slider_lora_target": True,
+        "max_train_steps": 10**6,  # the lr schedule's length: the bench never reaches it
+        "checkpointing_steps": 10**6,
+        **overrides,
+    }
+    return load_config(paths["config"], {k: str(v) for k, v in values.items()})
+
+
+def bench_plan(sign: str, strength: float, prompt=None) -> BatchPlan:
+    """A sampler plan for the step's record (backend, sign; no files: the inputs are given)."""
+    return BatchPlan(
+        step=0,
+        epoch=0,
+        index=0,
+        backend="bench",
+        slider_strength=strength,
+        sign=sign,
+        samples=(),
+        resolution=0,
+        prompt=prompt,
+    )
+
+
 class SliderRunner:
-    """slider-cn's training step; see the module docstring."""
+    """slider-cn's training step: `SliderRecipe.train_micro_batch` of a recipe set up on the
+    bench's models; see the module docstring."""
 
     name = "slider-cn"
 
@@ -234,99 +289,47 @@ class SliderRunner:
         options: Options,
         models: tuple[Any, Any] | None = None,
     ):
-        from diffusers.optimization import get_scheduler
-
-        from slider_cn.adapters import attach_slider_adapter
-        from slider_cn.families import get_family
-        from slider_cn.families.sd import _sd_noise_scheduler
-        from slider_cn.step import SliderStep
-        from slider_cn.train import _optimizer
-
         self.case, self.device, self.options = case, device, options
         mode = "controlnet" if case == "controlnet" else "lora"
-        self.config = TrainConfig(
-            training_mode=mode,
-            slider_lora_target=True,
+        self._tmp = tempfile.TemporaryDirectory(prefix="bench-recipe-")
+        config = bench_config(
+            Path(self._tmp.name),
+            mode,
+            conditioning=case in ("lora+cn", "controlnet"),
             lora_rank=options.rank,
+            lora_alpha=options.rank,
             mixed_precision=options.precision,
+            base_model_precision=options.base_precision,
             gradient_checkpointing=options.gradient_checkpointing,
             learning_rate=options.learning_rate,
             max_grad_norm=options.max_grad_norm,
             seed=options.seed,
         )
-        self.family = get_family(self.config)
         unet, controlnet = models or _models_for(case, model, device, options.seed)
-        # Only what the step uses: the encoders' outputs come in as Inputs (cached latents).
-        from slider_cn.families.base import Components
-
-        self.components = Components(
-            denoiser=unet,
-            vae=torch.nn.Identity(),
-            text_encoders=[],
-            tokenizers=[],
-            noise_scheduler=_sd_noise_scheduler(),
-            controlnet=controlnet,
-        )
-        self.weight_dtype = options.dtype
-        # --- as train.py -------------------------------------------------------------------
-        for module in (unet, controlnet):
-            if module is not None:
-                module.requires_grad_(False)
-                module.eval()
-                module.to(device, self.weight_dtype)
-        side = "controlnet" if mode == "controlnet" else "denoiser"
-        trainable = controlnet if side == "controlnet" else unet
-        names = slider_targets(trainable, side)
-        torch.manual_seed(options.seed)
-        self.adapter = attach_slider_adapter(trainable, names, self.config)
-        self.params = list(self.adapter.trainable_parameters())
-        for p in self.params:
-            p.data = p.data.float()
-        if options.base_precision != "no":  # as train.py: after the adapter, frozen modules only
-            from slider_cn.precision import store
-
-            frozen = [unet] + ([controlnet] if controlnet is not None and mode == "lora" else [])
-            for module in frozen:
-                store(module, options.base_precision, self.weight_dtype)
-        if options.gradient_checkpointing:
-            unet.enable_gradient_checkpointing()
-            if controlnet is not None:
-                controlnet.enable_gradient_checkpointing()
-        trainable.train()
+        self.recipe = BenchRecipe(config, (unet, controlnet), device)
+        self.recipe.setup()
+        # the bench's speed-ups, on what the recipe set up
         if options.channels_last:
             _to_channels_last(unet, controlnet)
-        optimizer = _optimizer(self.config, self.params)
         if options.fused is not None:
-            for group in optimizer.param_groups:
+            for group in self.recipe.optimizer.param_groups:
                 group["fused"] = options.fused or None
-        lr_scheduler = get_scheduler(
-            "constant", optimizer=optimizer, num_warmup_steps=0, num_training_steps=10**6
-        )
-        self.accelerator = accelerator_for(options.precision)
-        self.prepared, self.optimizer, self.lr_scheduler = self.accelerator.prepare(
-            trainable, optimizer, lr_scheduler
-        )
-        forward_model = _maybe_compile(self.prepared, options)
-        if side == "controlnet":
-            self.components.controlnet = forward_model
+        components = self.recipe.components
+        if mode == "controlnet":  # compile only what trains, as the plain side
+            components.controlnet = _maybe_compile(components.controlnet, options)
         else:
-            self.components.denoiser = forward_model
-        self.step_fn = SliderStep(
-            self.family,
-            self.components,
-            self.adapter,
-            training_mode=mode,
-            neutral_mode="preserve",
-            max_strength=0.5,
-        )
-        self.generator = torch.Generator().manual_seed(options.seed * 1000)
-        self.n_targets = len(names)
+            components.denoiser = _maybe_compile(components.denoiser, options)
+        self.weight_dtype = self.recipe.weight_dtype
+        self.n_targets = len(self.recipe.targets.names)
+        self.plans = {
+            sign: bench_plan(sign, s) for sign, s in (("+", 0.5), ("-", -0.5), ("0", 0.0))
+        }
 
     def step(self, inputs: Inputs) -> float:
+        """One micro-batch of the recipe, from cached inputs to its train_log record."""
         from slider_cn.step import StepInputs
 
-        accelerator, dtype = self.accelerator, self.weight_dtype
-        # --- the body of train.py's loop, from StepInputs to the logged loss ----------------
+        dtype = self.weight_dtype
         step_inputs = StepInputs(
             latents=inputs.latents.to(dtype),
             cond={"encoder_hidden_states": inputs.encoder_hidden_states.to(dtype)},
@@ -336,19 +339,13 @@ class SliderRunner:
             if inputs.conditioning_pixels is None
             else inputs.conditioning_pixels.to(self.device, dtype),
         )
-        with accelerator.accumulate(self.prepared), accelerator.autocast():
-            result = self.step_fn(step_inputs, self.generator, backward=accelerator.backward)
-            if not torch.isfinite(result.loss):
-                raise RuntimeError("non-finite loss")
-            if accelerator.sync_gradients and self.config.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(self.params, self.config.max_grad_norm)
-            self.optimizer.step()
-            self.lr_scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
-        return result.loss.item()
+        plan = self.plans[inputs.sign]
+        return self.recipe.train_micro_batch(plan, self.recipe.step_fn, step_inputs)["loss"]
 
     def close(self) -> None:
-        self.accelerator.free_memory()
+        self.recipe.cleanup()
+        self.recipe.accelerator.free_memory()
+        self._tmp.cleanup()
 
 
 class PlainRunner:
@@ -367,11 +364,11 @@ class PlainRunner:
         from diffusers.training_utils import cast_training_params
         from peft import LoraConfig
 
-        from slider_cn.families.sd import _sd_noise_scheduler
+        from slider_cn.families.sd import sd_noise_scheduler
 
         self.case, self.device, self.options = case, device, options
         self.unet, self.controlnet = models or _models_for(case, model, device, options.seed)
-        self.scheduler = _sd_noise_scheduler()
+        self.scheduler = sd_noise_scheduler()
         dtype = options.dtype
         for module in (self.unet, self.controlnet):
             if module is not None:
@@ -484,7 +481,7 @@ def release() -> None:
 
 
 class DataFeed:
-    """train.py's per-micro-batch data path on a warm cache: the sampler's next plan,
+    """The recipe's per-micro-batch data path on a warm cache: the sampler's next plan,
     `prefetch_batches` (or `load_batch` in the loop with ``prefetch=False``), latents and text
     embeddings from `EncodedCache`, on a synthetic dataset and the tiny sd1x encoders (their
     latents have SD's shape, 4 x R/8 x R/8). ``context`` replaces the tiny text encoder's

@@ -7,8 +7,8 @@ loop on an SD1.5-sized UNet (the real config, random weights) on a CUDA GPU.
 
 Cases: a = LoRA-only (slider targets on the UNet), b = the same with a frozen ControlNet
 (ControlNetModel.from_unet), c = ControlNet mode (slider LoRA on the ControlNet, UNet frozen).
-bench/common.py builds both sides (SliderRunner: what slider_cn/train.py does per micro-batch;
-PlainRunner: the hand-written loop); both get the same weights, LoRA modules and rank, AdamW,
+bench/common.py builds both sides (SliderRunner: the training recipe's own `train_micro_batch`,
+slider_cn/recipe.py; PlainRunner: the hand-written loop); both get the same weights, LoRA modules and rank, AdamW,
 precision and inputs. Each row builds its models afresh after the previous row's are freed,
 so the peak memory (torch.cuda.max_memory_allocated, counted from the built models on) is that
 row's alone: weights, optimizer state and activations.
@@ -17,7 +17,7 @@ Speed-ups, as flags applying to every row of the call: --compile BACKEND (torch.
 trained model's forward), --channels-last, --no-fused (foreach AdamW instead of fused),
 --vae-per-step (no cached latents: the SD VAE encoder and the CLIP-L text encoder run every
 step, to show what the cache saves), --data sequential|prefetch (slider side only: the real
-per-micro-batch data path of train.py on a warm cache, conditioning images decoded per step,
+per-micro-batch data path of the recipe on a warm cache, conditioning images decoded per step,
 without or with prefetch_batches). --device cpu --model tiny runs the same code on a CPU
 (bench/gpu.sh --cpu) to check it without a GPU.
 """

@@ -85,6 +85,8 @@ def measure_one(model_name: str, precision: str, steps: int) -> dict:
     from slider_cn.targets import resolve_targets
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    import common  # before the baseline: its imports are not the model's memory
+
     baseline = _status("VmRSS")
     torch.manual_seed(0)
     dtype = torch.float32 if precision == "fp32" else torch.bfloat16
@@ -93,8 +95,6 @@ def measure_one(model_name: str, precision: str, steps: int) -> dict:
 
         model, arch = SD3Transformer2DModel(**TRANSFORMER), "sd3"
     else:
-        import common
-
         model, arch = common.build_unet("medium", torch.device("cpu")), "sd1x"
     model.requires_grad_(False)
     model.to(dtype)

@@ -5,12 +5,14 @@
 One text-slider micro-batch is: k frozen sampler steps from pure noise on the target prompt
 (k drawn in 1..steps-1), one batched frozen forward for target / positive / negative, one
 adapted forward on the target at multiplier s, the loss against
-eps(target) + eta * (eps(positive) - eps(negative)), and its backward.
+eps(target) + eta * (eps(positive) - eps(negative)), its backward, and the optimizer step.
 
-- slider-cn: `TextSliderStep` (slider_cn/text_step.py), as train.py calls it.
+- slider-cn: `SliderRecipe.train_micro_batch` with the recipe's `TextSliderStep`, on a recipe set
+  up with the bench's models (bench/common.py's `BenchRecipe`): accumulate + autocast, the
+  step, the non-finite check, clipping, AdamW and scheduler step, the train_log record.
 - plain: the same forwards by hand on the same modules and adapter: a loop of UNet (and
   ControlNet) calls with the DDIM update written out, `torch.cat` for the batched forward, the
-  ControlNet residuals of the target rows sliced by hand, MSE, backward.
+  ControlNet residuals of the target rows sliced by hand, MSE, backward, clip, AdamW step.
 
 Both sides draw the noise and k from a generator seeded per pair, so every pair runs the same
 number of forwards; the two steps of a pair run back to back in alternating order. Goal: ratio
@@ -24,6 +26,7 @@ import argparse
 import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -34,55 +37,44 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 
-from slider_cn.config import TrainConfig  # noqa: E402
-
 GOAL = 1.05
 ETA = 1.0
 
 
 class Setup:
-    """The models, the adapter and both steps for one case."""
+    """The models, the recipe and both steps for one case."""
 
-    def __init__(self, case: str, args):
-        from slider_cn.adapters import attach_slider_adapter
+    def __init__(self, case: str, args, root: Path):
         from slider_cn.data.prompts import PromptTask
-        from slider_cn.families import get_family
-        from slider_cn.families.base import Components
-        from slider_cn.families.sd import _sd_noise_scheduler
-        from slider_cn.text_step import TextSliderStep
 
         self.case, self.args = case, args
         mode = "controlnet" if case == "controlnet" else "lora"
-        config = TrainConfig(training_mode=mode, slider_lora_target=True, lora_rank=args.rank)
-        self.family = get_family(config)
+        config = common.bench_config(
+            root / case,
+            mode,
+            conditioning=case != "lora",
+            lora_rank=args.rank,
+            lora_alpha=args.rank,
+            mixed_precision="no",
+            seed=args.seed,
+        )
         unet = common.build_unet(args.model, torch.device("cpu"), args.seed)
         controlnet = common.build_controlnet(unet, args.seed) if case != "lora" else None
-        for module in (unet, controlnet):
-            if module is not None:
-                module.requires_grad_(False)
-        side = "controlnet" if mode == "controlnet" else "denoiser"
-        trainable = controlnet if mode == "controlnet" else unet
-        torch.manual_seed(args.seed)
-        self.adapter = attach_slider_adapter(
-            trainable, common.slider_targets(trainable, side), config
-        )
-        trainable.train()
         # a tiny VAE config is all initial_noise reads: 4 latent channels, 8x downsampling
         vae = torch.nn.Module()
         vae.config = type("VaeConfig", (), {"block_out_channels": (1, 1, 1, 1),
                                             "latent_channels": 4})()  # fmt: skip
-        self.components = Components(
-            denoiser=unet,
-            vae=vae,
-            text_encoders=[],
-            tokenizers=[],
-            noise_scheduler=_sd_noise_scheduler(),
-            controlnet=controlnet,
-        )
+        self.recipe = common.BenchRecipe(config, (unet, controlnet), torch.device("cpu"), vae=vae)
+        self.recipe.setup()
+        self.adapter = self.recipe.trainables.adapter
+        self.components = self.recipe.components
         self.task = PromptTask("bench", "pair", "t", "p", "n", ETA, "enhance", args.steps)
-        self.step = TextSliderStep(
-            self.family, self.components, self.adapter, training_mode=mode, max_strength=1.0
-        )
+        self.plans = {
+            s: common.bench_plan("+" if s > 0 else "-", s, self.task) for s in (1.0, -1.0)
+        }
+        # the plain side's optimizer: AdamW on the same adapter, as a plain loop has it
+        self.params = self.adapter.trainable_parameters()
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, weight_decay=1e-2)
         g = torch.Generator().manual_seed(args.seed)
         b, context = args.batch, common.UNETS[args.model]["cross_attention_dim"]
         self.cond = {"encoder_hidden_states": torch.randn(3 * b, 77, context, generator=g)}
@@ -93,10 +85,10 @@ class Setup:
         )
 
     # --- slider-cn --------------------------------------------------------------------------
-    def slider_step(self, seed: int, strength: float) -> float:
+    def _inputs(self, strength: float):
         from slider_cn.text_step import TextStepInputs
 
-        inputs = TextStepInputs(
+        return TextStepInputs(
             task=self.task,
             cond=self.cond,
             batch_size=self.args.batch,
@@ -104,10 +96,21 @@ class Setup:
             slider_strength=strength,
             conditioning_pixels=self.pixels,
         )
+
+    def slider_step(self, seed: int, strength: float) -> float:
+        """One text-slider micro-batch of the recipe: `train_micro_batch` with its TextSliderStep
+        (forwards, backward, clipping, optimizer step, the train_log record)."""
+        recipe = self.recipe
+        recipe.generator.manual_seed(seed)
+        record = recipe.train_micro_batch(
+            self.plans[strength], recipe.text_step_fn, self._inputs(strength)
+        )
+        return record["loss"]
+
+    def slider_loss(self, seed: int, strength: float) -> float:
+        """The recipe's text step alone, no backward: the loss both sides must agree on."""
         generator = torch.Generator().manual_seed(seed)
-        result = self.step(inputs, generator, backward=lambda loss: loss.backward())
-        self._zero_grad()
-        return result.loss.item()
+        return self.recipe.text_step_fn(self._inputs(strength), generator).loss.item()
 
     # --- the same forwards, plainly ---------------------------------------------------------
     def _controlnet(self, x, t, text, pixels):
@@ -159,19 +162,17 @@ class Setup:
                 residuals = self._controlnet(x, t, target_text, pixels)
             loss = F.mse_loss(self._unet(x, t, target_text, residuals).float(), target.float())
             loss.backward()
-        self._zero_grad()
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
         return loss.item()
 
-    def _zero_grad(self) -> None:
-        for p in self.adapter.trainable_parameters():
-            p.grad = None
 
-
-def compare(case: str, args) -> dict:
-    setup = Setup(case, args)
-    # the two sides compute the same loss from the same draws: a check that the plain side
-    # really is the same work
-    a, b = setup.slider_step(123, 1.0), setup.plain_step(123, 1.0)
+def compare(case: str, args, root: Path) -> dict:
+    setup = Setup(case, args, root)
+    # the two sides compute the same loss from the same draws (before either steps the
+    # weights): a check that the plain side really is the same work
+    a, b = setup.slider_loss(123, 1.0), setup.plain_step(123, 1.0)
     if abs(a - b) > 1e-4 * max(1.0, abs(b)):
         raise SystemExit(f"{case}: slider-cn loss {a} and plain loss {b} differ")
     for i in range(args.warmup):
@@ -211,7 +212,8 @@ def main() -> None:
     diffusers_logging.set_verbosity_error()
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    rows = [compare(case, args) for case in args.cases.split(",") if case]
+    with tempfile.TemporaryDirectory(prefix="bench-text-step-") as tmp:
+        rows = [compare(case, args, Path(tmp)) for case in args.cases.split(",") if case]
     print(
         f"{args.model} UNet at {args.resolution}px, batch {args.batch}, LoRA rank {args.rank}, "
         f"denoising_steps {args.steps}, {args.threads} thread(s); median of {args.pairs} "

@@ -3,8 +3,9 @@
     python bench/train_step.py [--pairs 25] [--cases lora,lora+cn,preserve,lora+data]
 
 Both sides get the same UNet (same weights), LoRA rank and modules (slider-cn's resolved slider
-targets), AdamW, precision, seed and inputs; bench/common.py builds them (SliderRunner is what
-slider_cn/train.py does per micro-batch, PlainRunner the hand-written loop). Per case the two
+targets), AdamW, precision, seed and inputs; bench/common.py builds them (SliderRunner: the
+training recipe's own `train_micro_batch`, slider_cn/recipe.py, set up on the bench's models;
+PlainRunner: the hand-written loop). Per case the two
 steps run interleaved in alternating order (AB BA AB ...) so that load from other processes
 hits both alike; the figures are medians over --pairs steps each, after --warmup.
 
@@ -12,7 +13,7 @@ Cases, and what the plain side does:
 - lora:      slider step at strength +-0.5   vs  plain LoRA step
 - lora+cn:   the same with a frozen ControlNet  vs  plain step + one no-grad ControlNet forward
 - preserve:  neutral batch, slider_neutral_mode preserve  vs  plain step + one no-grad forward
-- lora+data: the lora step plus the rest of train.py's micro-batch: the next sampler plan,
+- lora+data: the lora step plus the rest of the recipe's micro-batch: the next sampler plan,
              load_batch, latents and text embeddings from a warm EncodedCache  vs  plain step
              on tensors already in memory
 - controlnet: LoRA on the ControlNet (UNet frozen)  vs  the same by hand
