@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from slider_cn.errors import ConfigError, read_json, suggest
+from slider_cn.families import FLOW_OPTIONS, family_card
 
 __all__ = ["ConfigError", "TrainConfig", "load_config", "parse_overrides", "read_json"]
 
@@ -34,18 +35,9 @@ PATH_KEYS = (
 )
 # Keys that are a local folder *or* a hub id: resolved only when the relative path exists.
 MODEL_KEYS = ("pretrained_model_name_or_path", "controlnet_model_name_or_path")
-# Keys only some families read (each family lists its own in ``options``); setting one for a
+# Keys only some families read (each family's registry line lists its own); setting one for a
 # family that ignores it is a warning.
-FAMILY_OPTIONS = frozenset(
-    {
-        "flow_use_uniform_schedule",
-        "flow_sigmoid_scale",
-        "flow_schedule_shift",
-        "flow_schedule_auto_shift",
-        "flow_loss_weighting",
-        "flux_guidance_value",
-    }
-)
+FAMILY_OPTIONS = frozenset({*FLOW_OPTIONS, "flux_guidance_value"})
 # `tiny` models train at this resolution unless told otherwise (they are for tests).
 TINY_RESOLUTION = 64
 # Model names built into slider-cn; never resolved as relative paths.
@@ -163,8 +155,8 @@ class TrainConfig(BaseModel):
     data_backend_config: str | None = Field(
         None, description="JSON list of dataset backends (required to train)."
     )
-    resolution: int = Field(
-        512,
+    resolution: int | None = Field(
+        None,
         ge=8,
         description="Training resolution in pixels (square), a multiple of 8; unset uses the family's (512 for sd1x, 1024 for sdxl / sd3 / flux / zimage; 32 for `shapes`, 64 for `tiny`).",
     )
@@ -202,9 +194,9 @@ class TrainConfig(BaseModel):
     max_grad_norm: float = Field(
         1.0, ge=0.0, description="Gradient clipping norm; 0 disables clipping."
     )
-    mixed_precision: Literal["no", "fp16", "bf16"] = Field(
-        "no",
-        description="Autocast precision; unset uses `bf16` on a GPU that supports it and `no` elsewhere.",
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field(
+        "auto",
+        description="Autocast precision; `auto` is `bf16` on a GPU that computes it natively (Ampere and newer) and `no` elsewhere.",
     )
     base_model_precision: Literal["no", "fp8", "int8", "nf4"] = Field(
         "no",
@@ -255,8 +247,8 @@ class TrainConfig(BaseModel):
     validation_num_inference_steps: int = Field(
         20, ge=1, description="Denoising steps per validation image."
     )
-    validation_guidance: float = Field(
-        7.5,
+    validation_guidance: float | None = Field(
+        None,
         ge=0.0,
         description="Guidance scale for validation; unset uses the family's usual one (7.5 sd1x, 5 sdxl, 7 sd3, 3.5 flux, 5 zimage, 0 Z-Image Turbo).",
     )
@@ -283,8 +275,8 @@ class TrainConfig(BaseModel):
 
     @field_validator("resolution")
     @classmethod
-    def _multiple_of_8(cls, value: int) -> int:
-        if value % 8:
+    def _multiple_of_8(cls, value: int | None) -> int | None:
+        if value is not None and value % 8:
             raise ValueError(f"must be a multiple of 8 (got {value}); try {value - value % 8 or 8}")
         return value
 
@@ -322,23 +314,19 @@ class TrainConfig(BaseModel):
 
     def _family_defaults(self) -> None:
         """Keys the user left unset that depend on the family, the model or the machine."""
-        from slider_cn.families import family_class
-
-        family = family_class(self.model_family)
+        family = family_card(self.model_family)
         given = self.model_fields_set
-        if "resolution" not in given:
+        if self.resolution is None:
             if self.is_shapes:
                 from slider_cn.shapes import NATIVE_RESOLUTION
 
                 resolution = NATIVE_RESOLUTION
             else:
-                resolution = TINY_RESOLUTION if self.is_tiny else family.default_resolution
+                resolution = TINY_RESOLUTION if self.is_tiny else family.resolution
             object.__setattr__(self, "resolution", resolution)
-        if "validation_guidance" not in given:
-            guidance = family.default_validation_guidance(self.pretrained_model_name_or_path)
+        if self.validation_guidance is None:
+            guidance = family.validation_guidance(self.pretrained_model_name_or_path)
             object.__setattr__(self, "validation_guidance", guidance)
-        if "mixed_precision" not in given:
-            object.__setattr__(self, "mixed_precision", _default_mixed_precision())
         ignored = sorted(k for k in FAMILY_OPTIONS & given if k not in family.options)
         if ignored:
             log.warning(
@@ -372,14 +360,6 @@ class TrainConfig(BaseModel):
 
 
 KNOWN_KEYS = tuple(TrainConfig.model_fields)
-
-
-def _default_mixed_precision() -> str:
-    import torch
-
-    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return "bf16"
-    return "no"
 
 
 def _normalise_key(key: str) -> str:

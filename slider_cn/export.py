@@ -103,8 +103,8 @@ def export_slider(
         alpha = formats.training_alpha(metadata, source)
         if metadata.get(formats.ALPHA_FOLDED) == "true":
             # kohya files carry the true alpha (docs/design.md §8.7): take alpha/r back out
-            true_rank = formats.training_rank(metadata, source)
-            state = formats.fold_alpha(state, alpha=true_rank, rank=alpha)
+            rank_value = formats.training_rank(metadata, source)
+            state = formats.unfold_alpha(state, alpha=alpha, rank=rank_value)
         path = (
             Path(output)
             if output

@@ -7,8 +7,9 @@ writer (``outputs.py``), the loaders (``loading.py``, ``validate.py``) and the e
 Key layouts of the slider files:
 
 - PEFT / diffusers (``pytorch_lora_weights.safetensors``): ``<component>.<module>.lora_A.weight``
-  with the component the family's ``lora_component`` ("unet" or "transformer"); rank and alpha
-  in the ``lora_adapter_metadata`` JSON;
+  with the component the family's ``lora_component`` ("unet" or "transformer"); alpha/r folded
+  into ``lora_B`` (``ALPHA_FOLDED``), so the ``lora_adapter_metadata`` JSON says lora_alpha = r
+  and the training alpha is in ``slider_cn.alpha``;
 - kohya (``slider_kohya.safetensors``, ``export --format kohya``): ``<prefix>_<module with _>``
   ``.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha`` (the training alpha), with the family's
   ``kohya_prefix``; families without one (transformers) have no kohya format;
@@ -60,6 +61,14 @@ LYCORIS_NATIVE_PREFIX = "lycoris"
 
 
 # --- alpha ----------------------------------------------------------------------------------
+def unfold_alpha(
+    state: dict[str, torch.Tensor], *, alpha: float, rank: int
+) -> dict[str, torch.Tensor]:
+    """The inverse of ``fold_alpha``: lora_B back at its trained value, for files that carry
+    the true alpha (kohya's ``.alpha``)."""
+    return fold_alpha(state, alpha=rank, rank=alpha)
+
+
 def fold_alpha(
     state: dict[str, torch.Tensor], *, alpha: float, rank: int
 ) -> dict[str, torch.Tensor]:

@@ -31,6 +31,8 @@ from typing import Any
 from torch import nn
 
 from slider_cn import formats
+from slider_cn.adapters.base import SLIDER_ADAPTER
+from slider_cn.adapters.peft import adapter_layers
 from slider_cn.errors import ConfigError
 from slider_cn.formats import (
     BASE_FOLDER,
@@ -41,7 +43,7 @@ from slider_cn.formats import (
     read_metadata,
 )
 
-SLIDER_ADAPTER_NAME = "slider"
+SLIDER_ADAPTER_NAME = SLIDER_ADAPTER  # the adapter name training gives the slider
 # LyCORIS networks loaded by load_slider, kept on their model (in a dict, so they are not
 # registered as submodules and never end up in the model's state dict).
 _LYCORIS_ATTR = "_slider_cn_lycoris"
@@ -214,12 +216,6 @@ def _holders(pipe_or_model: Any) -> dict[str, nn.Module]:
     return found
 
 
-def _lora_layers(model: nn.Module, adapter_name: str) -> list[nn.Module]:
-    from peft.tuners.lora import LoraLayer
-
-    return [m for m in model.modules() if isinstance(m, LoraLayer) and adapter_name in m.scaling]
-
-
 def set_slider_strength(
     pipe_or_model: Any, strength: float, adapter_name: str = SLIDER_ADAPTER_NAME
 ) -> list[str]:
@@ -231,7 +227,7 @@ def set_slider_strength(
     strength = float(strength)
     reached: list[str] = []
     for name, model in _holders(pipe_or_model).items():
-        layers = _lora_layers(model, adapter_name)
+        layers = adapter_layers(model, adapter_name)
         for layer in layers:
             layer.set_scale(adapter_name, strength)  # strength x alpha / r, per layer
         network = getattr(model, _LYCORIS_ATTR, {}).get(adapter_name)
@@ -426,7 +422,7 @@ def load_slider(
             "load it into the model it was trained on"
         ) from None
     if not files.is_lycoris:
-        if not _lora_layers(model, adapter_name):
+        if not adapter_layers(model, adapter_name):
             raise ConfigError(f"{files.slider_file}: no LoRA weights in it fit {target_name}")
         _keep_active(model, previous, adapter_name)
     set_slider_strength(pipe, strength, adapter_name)

@@ -1,8 +1,9 @@
 """The files a finished run leaves in `output_dir` (docs/design.md §6).
 
-- base-side PEFT LoRA: `pytorch_lora_weights.safetensors` (diffusers' layout, loads with
-  `pipe.load_lora_weights(output_dir)`) and `slider_kohya.safetensors` (kohya keys with the
-  true alpha, for ComfyUI / A1111);
+- base-side PEFT LoRA: `pytorch_lora_weights.safetensors` (diffusers' layout, alpha/r folded
+  into lora_B, loads with `pipe.load_lora_weights(output_dir)`) and, for families with kohya
+  names (the UNet ones), `slider_kohya.safetensors` (kohya keys with the true alpha, for
+  ComfyUI / A1111);
 - ControlNet-side PEFT LoRA: `controlnet_slider.safetensors` (unprefixed keys, loads with
   `pipe.controlnet.load_lora_adapter(path, prefix=None)`); a fresh ControlNet (its trained
   output projections included, the slider not merged) is saved to `controlnet/`;
@@ -79,31 +80,6 @@ def clean_copy(model: torch.nn.Module) -> torch.nn.Module:
     return clean
 
 
-def lycoris_file_names(adapter, prefix: str) -> dict[str, str]:
-    """A LyCORIS slider's module names in memory -> in its file: ``<prefix>_<module path>``.
-
-    The module path is the adapted module's own (``...attn1.to_q``), also where an assistant's
-    PEFT layer wraps it (the network then adapts ``...to_q.base_layer``), whatever prefix the
-    network was built with; the network in memory and checkpoints keep their names.
-    """
-    paths = {
-        id(module): name.removesuffix(".base_layer")
-        for name, module in unwrap_model(adapter.model).named_modules()
-    }
-    return {
-        lora.lora_name: formats.kohya_module_name(prefix, paths[id(lora.org_module[0])])
-        for lora in adapter.network.loras
-    }
-
-
-def lycoris_file_state(adapter, prefix: str) -> dict[str, torch.Tensor]:
-    """A LyCORIS slider's weights as its file holds them (``lycoris_file_names``)."""
-    state = {
-        k: v.detach().float().cpu().contiguous() for k, v in adapter.network.state_dict().items()
-    }
-    return formats.rename_lycoris_modules(state, lycoris_file_names(adapter, prefix))
-
-
 def write_final_outputs(
     output_dir: str | Path,
     *,
@@ -127,7 +103,7 @@ def write_final_outputs(
         path = output_dir / LYCORIS_FILE
         prefix = formats.lycoris_key_prefix(family, side)
         save_file(
-            lycoris_file_state(adapter, prefix),
+            adapter.file_state(prefix),
             str(path),
             metadata={**metadata, LYCORIS_PREFIX: prefix},
         )

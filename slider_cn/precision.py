@@ -51,6 +51,23 @@ ALIASES = {
 }
 
 
+def autocast_precision(config) -> str:
+    """The config's mixed_precision with `auto` resolved: bf16 on a GPU that computes it
+    natively (emulated bf16 on pre-Ampere cards is slower than fp32), else no autocast."""
+    if config.mixed_precision != "auto":
+        return config.mixed_precision
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False):
+        return "bf16"
+    return "no"
+
+
+def autocast_dtype(config) -> torch.dtype:
+    """The dtype frozen weights are stored in: the autocast precision's, else fp32."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
+        autocast_precision(config), torch.float32
+    )
+
+
 def adapter_module_names(model: nn.Module) -> set[str]:
     """Modules that belong to a PEFT adapter (slider or assistant): never quantized."""
     from peft.tuners.tuners_utils import BaseTunerLayer

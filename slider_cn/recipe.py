@@ -40,11 +40,12 @@ from tqdm.auto import tqdm
 
 from slider_cn import checkpoints, outputs, precision, validate
 from slider_cn.adapters import attach_slider_adapter, load_assistant_adapter, read_lycoris_config
-from slider_cn.config import ConfigError, TrainConfig
+from slider_cn.config import TrainConfig
 from slider_cn.data.backends import training_backends
 from slider_cn.data.cache import EncodedCache
 from slider_cn.data.loading import prefetch_batches
 from slider_cn.data.sampler import SliderSampler
+from slider_cn.errors import ConfigError
 from slider_cn.families import get_family
 from slider_cn.offload import TextEncoderPlacement
 from slider_cn.step import SliderStep, StepInputs
@@ -174,7 +175,7 @@ class SliderRecipe:
             # inline conditioning (canny/depth over a whole dataset)
             kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=1))],
             gradient_accumulation_steps=config.gradient_accumulation_steps,
-            mixed_precision=config.mixed_precision,
+            mixed_precision=precision.autocast_precision(config),
             log_with=None if config.report_to == "none" else config.report_to,
             project_dir=config.output_dir,
             cpu=self.cpu,
@@ -182,16 +183,11 @@ class SliderRecipe:
         self.device = self.accelerator.device
         self.is_main = self.accelerator.is_main_process
         # frozen weights are stored in the autocast precision; the trained ones stay fp32
-        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
-            config.mixed_precision, torch.float32
-        )
+        self.weight_dtype = precision.autocast_dtype(config)
         if self.is_main:
-            why = (
-                "set in the config"
-                if "mixed_precision" in config.model_fields_set
-                else "the default"
-            )
-            log.info("mixed_precision %s (%s) on %s", config.mixed_precision, why, self.device)
+            chosen = precision.autocast_precision(config)
+            why = "auto" if config.mixed_precision == "auto" else "set in the config"
+            log.info("mixed_precision %s (%s) on %s", chosen, why, self.device)
 
     def _setup_data(self) -> None:
         accelerator = self.accelerator
@@ -229,7 +225,7 @@ class SliderRecipe:
         config, components = self.config, self.components
         self.side = "controlnet" if config.training_mode == "controlnet" else "denoiser"
         trainable = components.controlnet if self.side == "controlnet" else components.denoiser
-        arch = self.family.name  # the targets registry maps family names to architectures
+        arch = self.family.name  # a family's architecture has its name (its own `targets`)
         self.targets = resolve_targets(
             trainable,
             arch,
@@ -378,8 +374,11 @@ class SliderRecipe:
         except (OSError, ValueError, RuntimeError, KeyError) as exc:
             raise ConfigError(
                 f"cannot resume from {path}: {exc}. The checkpoint must be complete and come from "
-                "a run with the same model, training_mode, lora_type, lora_rank and targets"
+                "a run with the same model, training_mode, lora_type, lora_rank and targets "
+                "(slider_lora_target is true unless set: a run made with the ordinary targets "
+                "resumes with slider_lora_target false)"
             ) from None
+        self._check_settings(path, state.extra.get("settings"))
         if accelerator.scaler is not None and "scaler" in state.extra:
             accelerator.scaler.load_state_dict(state.extra["scaler"])
         self.sampler.load_state_dict(state.sampler)
@@ -390,6 +389,27 @@ class SliderRecipe:
                 "nothing left to train; raise max_train_steps (or num_train_epochs) to continue"
             )
         log.info("resumed from %s at step %d", path, self.global_step)
+
+    def _settings(self) -> dict[str, Any]:
+        """Settings whose defaults depend on the family, the model or the machine, as this run
+        resolved them; a resumed run is checked against them (_check_settings)."""
+        config = self.config
+        return {
+            "resolution": config.resolution,
+            "mixed_precision": precision.autocast_precision(config),
+            "slider_lora_target": config.slider_lora_target,
+        }
+
+    def _check_settings(self, path: Path, saved: dict[str, Any] | None) -> None:
+        now = self._settings()
+        changed = {k: (v, now[k]) for k, v in (saved or {}).items() if now.get(k) != v}
+        if changed:
+            log.warning(
+                "resuming %s with other settings than it was trained with: %s; set them in the "
+                "config to continue the run as it was",
+                path,
+                ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items()),
+            )
 
     # --- the loop ----------------------------------------------------------------------------
 
@@ -611,7 +631,10 @@ class SliderRecipe:
             lr_scheduler=self.lr_scheduler,
             sampler_state=self.boundary["sampler"],
             noise_generator=_generator_at(self.boundary["generator"]),
-            extra={"scaler": accelerator.scaler.state_dict()} if accelerator.scaler else None,
+            extra={
+                "settings": self._settings(),
+                **({"scaler": accelerator.scaler.state_dict()} if accelerator.scaler else {}),
+            },
             total_limit=self.config.checkpoints_total_limit,
             rank_states=rank_states,
         )

@@ -460,9 +460,7 @@ def _slider_weights(
     if adapter.kind == "lycoris":
         prefix = metadata.get(formats.LYCORIS_PREFIX)
         if prefix is not None:  # module paths under the file's prefix -> the network's names
-            from slider_cn.outputs import lycoris_file_names
-
-            names = lycoris_file_names(adapter, prefix)
+            names = adapter.file_names(prefix)
             state = formats.rename_lycoris_modules(state, {v: k for k, v in names.items()})
         # a LyCORIS layer wrapped by an assistant's PEFT layer is named "..._base_layer"
         out = {}

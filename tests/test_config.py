@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 from slider_cn.config import ConfigError, load_config, parse_overrides
 
@@ -169,9 +170,13 @@ def test_defaults_follow_the_family_and_the_model(caplog):
     assert guidance("zimage", "Tongyi-MAI/Z-Image") == 5.0
     assert TrainConfig(model_family="flux", validation_guidance=2.0).validation_guidance == 2.0
 
-    # no GPU here: no autocast unless asked for
-    assert TrainConfig().mixed_precision == "no"
-    assert TrainConfig(mixed_precision="bf16").mixed_precision == "bf16"
+    # `auto` is resolved where the device is known; without a GPU it is no autocast
+    from slider_cn.precision import autocast_precision
+
+    assert TrainConfig().mixed_precision == "auto"
+    if not torch.cuda.is_available():
+        assert autocast_precision(TrainConfig()) == "no"
+    assert autocast_precision(TrainConfig(mixed_precision="bf16")) == "bf16"
 
     with caplog.at_level("WARNING", logger="slider_cn.config"):
         TrainConfig(model_family="sd1x", flow_schedule_shift=3.0)
@@ -184,3 +189,20 @@ def test_defaults_follow_the_family_and_the_model(caplog):
     with caplog.at_level("WARNING", logger="slider_cn.config"):
         TrainConfig(model_family="sd3", flux_guidance_value=3.5)
     assert "flux_guidance_value" in caplog.text
+
+
+def test_reading_a_config_imports_no_model_library():
+    """`--plan`, the dry run's checks and the web UI read configs: per-family defaults come from
+    the registry's lines, so that costs no torch / diffusers / transformers import."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from slider_cn.config import load_config; "
+        "c = load_config(None, {'model_family': 'zimage', 'pretrained_model_name_or_path': "
+        "'Tongyi-MAI/Z-Image-Turbo'}); "
+        "assert (c.resolution, c.validation_guidance) == (1024, 0.0), c; "
+        "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -230,9 +230,7 @@ def test_empty_backend(tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty/readme.txt").write_text("no images here")
     config = setup(tmp_path, [{"id": "e", "instance_data_dir": "empty"}])
-    with pytest.raises(
-        ConfigError, match=r"backend 'e': no images \(.*png.*\) found in .*empty"
-    ):
+    with pytest.raises(ConfigError, match=r"backend 'e': no images \(.*png.*\) found in .*empty"):
         build_backends(config)
 
 

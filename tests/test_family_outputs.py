@@ -29,12 +29,12 @@ from slider_cn import (
 from slider_cn.cli import main
 from slider_cn.config import ConfigError, load_config
 from slider_cn.demo_data import write_demo_dataset
-from slider_cn.families import family_class
+from slider_cn.families import family_class, family_names
 from slider_cn.train import train
 
 pytestmark = pytest.mark.slow
 
-FAMILIES = ("sd1x", "sdxl", "sd3", "flux", "zimage")
+FAMILIES = tuple(family_names())  # every registered family, a new one included
 MODES = ("lora", "controlnet")
 PROMPT = "a large circle"
 STRENGTHS = (-1.0, 0.5, 1.5)
@@ -373,7 +373,7 @@ def test_validate_rebuilds_the_run_and_renders(runs, family, mode, tmp_path):
 
 # --- LyCORIS files --------------------------------------------------------------------------------
 def _lycoris_run(tmp_path, family: str, mode: str = "lora", **overrides) -> Run:
-    if family in ("sd1x", "sdxl"):
+    if family_class(family).kohya_prefix is not None:  # the UNet families
         config = LOKR  # the guide's LoKr preset: attention, conv_in/out, time embedding
     else:
         config = tmp_path / "lokr.json"

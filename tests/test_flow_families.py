@@ -643,3 +643,11 @@ def test_flow_slider_effect_after_a_few_dozen_steps(family_name):
         optimizer.step()
         optimizer.zero_grad()
     assert effect() > 0.5
+
+
+def test_every_flow_matching_family_is_tested_here():
+    from slider_cn.families import family_class, family_names
+    from slider_cn.families.flow import FlowMatchingFamily
+
+    registered = {n for n in family_names() if issubclass(family_class(n), FlowMatchingFamily)}
+    assert set(FAMILIES) == registered

@@ -27,6 +27,14 @@ def make_config(root: Path, *, conditioning=None, images=2, **overrides):
     return load_config(paths["config"], values)
 
 
+def resume_config(run, **values: str):
+    """The config of ``run`` (made by make_config) resuming its latest checkpoint."""
+    return load_config(
+        Path(run.data_backend_config).parent / "config.json",
+        {"resume_from_checkpoint": "latest", "output_dir": run.output_dir, **values},
+    )
+
+
 def losses(output_dir: Path) -> list[float]:
     lines = (Path(output_dir) / "train_log.jsonl").read_text().splitlines()
     return [json.loads(line)["loss"] for line in lines]
@@ -166,17 +174,18 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
 
     part = make_config(tmp_path / "part", max_train_steps=3, checkpointing_steps=3)
     train(part)
-    resumed = load_config(
-        Path(part.data_backend_config).parent / "config.json",
-        {
-            "max_train_steps": "6",
-            "checkpointing_steps": "3",
-            "resume_from_checkpoint": "latest",
-            "output_dir": part.output_dir,
-        },
-    )
-    train(resumed)
+    train(resume_config(part, max_train_steps="6", checkpointing_steps="3"))
     assert losses(part.output_dir) == pytest.approx(reference, rel=1e-5, abs=1e-7)
+
+
+def test_resume_with_other_resolved_settings_says_so(tmp_path, caplog):
+    # resolution (per family when unset), mixed_precision (auto) and slider_lora_target have
+    # defaults that may differ from the ones a checkpoint was trained with
+    part = make_config(tmp_path / "part", max_train_steps=2)
+    train(part)
+    with caplog.at_level("WARNING", logger="slider_cn"):
+        train(resume_config(part, max_train_steps="3", resolution="32"))
+    assert "other settings than it was trained with: resolution 64 -> 32" in caplog.text
 
 
 def test_output_dir_with_another_runs_checkpoints_is_refused(tmp_path):

@@ -26,9 +26,6 @@ from slider_cn.errors import ConfigError
 if TYPE_CHECKING:
     from slider_cn.families.base import ModelFamily
 
-if TYPE_CHECKING:
-    pass
-
 log = logging.getLogger(__name__)
 
 

@@ -12,8 +12,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from accelerate.utils import extract_model_from_parallel as unwrap_model  # DDP, compile
 from torch import nn
 
+from slider_cn import formats
 from slider_cn.adapters.base import SliderAdapter
 from slider_cn.adapters.peft import is_peft_wrapped
 from slider_cn.errors import ConfigError, read_json, suggest
@@ -64,6 +66,30 @@ class LycorisSliderAdapter(SliderAdapter):
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {self._rename(k, self._clean_names): v for k, v in self.network.state_dict().items()}
+
+    def file_names(self, prefix: str) -> dict[str, str]:
+        """Module names in memory -> in the slider's file: ``<prefix>_<module path>``.
+
+        The module path is the adapted module's own (``...attn1.to_q``), also where an
+        assistant's PEFT layer wraps it (the network then adapts ``...to_q.base_layer``),
+        whatever prefix the network was built with; the network in memory and checkpoints keep
+        their names (slider_cn/formats.py says which prefix each file gets).
+        """
+        paths = {
+            id(module): name.removesuffix(".base_layer")
+            for name, module in unwrap_model(self.model).named_modules()
+        }
+        return {
+            lora.lora_name: formats.kohya_module_name(prefix, paths[id(lora.org_module[0])])
+            for lora in self.network.loras
+        }
+
+    def file_state(self, prefix: str) -> dict[str, torch.Tensor]:
+        """The weights as the slider's file holds them, under ``file_names``."""
+        state = {
+            k: v.detach().float().cpu().contiguous() for k, v in self.network.state_dict().items()
+        }
+        return formats.rename_lycoris_modules(state, self.file_names(prefix))
 
     def load_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
         self._check_keys(state_dict)

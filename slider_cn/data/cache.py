@@ -44,7 +44,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # Bump when the preprocessing or the stored format changes: old entries then miss.
-CACHE_VERSION = 1
+# 2: images are decoded by slider_cn/image_files.py (transparency on white, 16-bit to 8)
+CACHE_VERSION = 2
 PREPROCESSING = "resize-shorter-bicubic+center-crop"
 
 

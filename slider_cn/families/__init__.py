@@ -1,24 +1,77 @@
-"""The model-family registry: a family name -> the class that builds and encodes for it.
+"""The model-family registry: one line per family, its class and what a config needs of it.
 
-Entries are import paths so that listing families (and validating a config) does not import
-diffusers. Later families add one line here and one module beside this file.
+A family's code is its own module beside this file (docs/design.md §7.1). The registry line
+names that class by import path and carries the few facts config validation needs (defaults and
+family-only keys), so that reading or checking a config — `--plan`, the dry run's first stage,
+the web UI — never imports torch, diffusers or transformers. Adding a family is its module plus
+one line here.
 """
 
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from slider_cn.config import TrainConfig
     from slider_cn.families.base import ModelFamily
 
-FAMILIES: dict[str, str] = {
-    "sd1x": "slider_cn.families.sd1x:SD1xFamily",
-    "sdxl": "slider_cn.families.sdxl:SDXLFamily",
-    "sd3": "slider_cn.families.sd3:SD3Family",
-    "flux": "slider_cn.families.flux:FluxFamily",
-    "zimage": "slider_cn.families.zimage:ZImageFamily",
+# Config keys of the flow-matching objective (slider_cn/families/flow.py reads them).
+FLOW_OPTIONS = frozenset(
+    {
+        "flow_use_uniform_schedule",
+        "flow_sigmoid_scale",
+        "flow_schedule_shift",
+        "flow_schedule_auto_shift",
+        "flow_loss_weighting",
+    }
+)
+
+
+@dataclass(frozen=True)
+class FamilyCard:
+    """A registry line: where the family's class is, and its defaults."""
+
+    path: str  # "module:Class"
+    # training resolution when the config sets none (the family's native size)
+    resolution: int
+    # validation guidance when the config sets none (the pipeline's usual value) ...
+    guidance: float
+    # ... except for models whose name contains one of these (e.g. guidance-distilled ones)
+    guidance_by_model: tuple[tuple[str, float], ...] = ()
+    # the family-only config keys (config.FAMILY_OPTIONS) it reads; setting another warns
+    options: frozenset[str] = frozenset()
+
+    def validation_guidance(self, model: str) -> float:
+        for marker, guidance in self.guidance_by_model:
+            if marker in model.lower():
+                return guidance
+        return self.guidance
+
+
+FAMILIES: dict[str, FamilyCard] = {
+    # guidance: each pipeline's own default
+    "sd1x": FamilyCard("slider_cn.families.sd1x:SD1xFamily", resolution=512, guidance=7.5),
+    "sdxl": FamilyCard("slider_cn.families.sdxl:SDXLFamily", resolution=1024, guidance=5.0),
+    "sd3": FamilyCard(
+        "slider_cn.families.sd3:SD3Family", resolution=1024, guidance=7.0, options=FLOW_OPTIONS
+    ),
+    # Flux.1-dev's distilled guidance input (schnell has none and ignores it)
+    "flux": FamilyCard(
+        "slider_cn.families.flux:FluxFamily",
+        resolution=1024,
+        guidance=3.5,
+        options=FLOW_OPTIONS | {"flux_guidance_value"},
+    ),
+    # Z-Image Turbo is guidance-distilled: its model card samples without CFG
+    "zimage": FamilyCard(
+        "slider_cn.families.zimage:ZImageFamily",
+        resolution=1024,
+        guidance=5.0,
+        guidance_by_model=(("turbo", 0.0),),
+        options=FLOW_OPTIONS,
+    ),
 }
 
 
@@ -26,8 +79,12 @@ def family_names() -> list[str]:
     return sorted(FAMILIES)
 
 
+def family_card(name: str) -> FamilyCard:
+    return FAMILIES[name]
+
+
 def family_class(name: str) -> type[ModelFamily]:
-    module_name, class_name = FAMILIES[name].split(":")
+    module_name, class_name = FAMILIES[name].path.split(":")
     return getattr(importlib.import_module(module_name), class_name)
 
 

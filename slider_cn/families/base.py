@@ -67,12 +67,6 @@ class ModelFamily:
     # Which modules the slider adapts, on the denoiser and on the ControlNet (the patterns of
     # slider_cn/targets/spec.py; the name and class fields are filled in by architecture()).
     targets: ClassVar[ArchitectureTargets]
-    # Training resolution when the config leaves it unset (the family's native size).
-    default_resolution: ClassVar[int] = 1024
-    # Validation guidance when the config leaves it unset (the pipeline's usual value).
-    default_guidance: ClassVar[float] = 7.5
-    # The family-specific config keys it reads (config.FAMILY_OPTIONS); others warn.
-    options: ClassVar[frozenset[str]] = frozenset()
     # what the family's ControlNet pipeline calls its conditioning image
     control_image_argument: ClassVar[str] = "control_image"
     # Keyword prefix of the pipeline's save_lora_weights (``unet_lora_layers``) and the kohya
@@ -93,11 +87,6 @@ class ModelFamily:
             denoiser_classes=(cls.denoiser_class_name(),),
             controlnet_classes=(cls.controlnet_class_name(),),
         )
-
-    @classmethod
-    def default_validation_guidance(cls, model: str) -> float:
-        """The guidance scale validation uses when the config sets none, for this model."""
-        return cls.default_guidance
 
     @classmethod
     def denoiser_class_name(cls) -> str:
@@ -149,6 +138,10 @@ class ModelFamily:
         raise NotImplementedError
 
     def controlnet_from_denoiser(self, denoiser: torch.nn.Module) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def save_pretrained(self, components: Components, folder: str | Path) -> None:
+        """Write the base components as a diffusers pipeline folder (a `tiny` run's ``base/``)."""
         raise NotImplementedError
 
     # --- LoRA files ----------------------------------------------------------------------

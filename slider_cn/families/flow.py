@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
 
+from slider_cn import precision
 from slider_cn.errors import ConfigError
 from slider_cn.families.base import Components, ModelFamily
 
@@ -101,15 +102,6 @@ class FlowMatchingFamily(ModelFamily):
 
     # Keyword prefix of the pipeline's save_lora_weights (``transformer_lora_layers``).
     lora_component: ClassVar[str] = "transformer"
-    options: ClassVar[frozenset[str]] = frozenset(
-        {
-            "flow_use_uniform_schedule",
-            "flow_sigmoid_scale",
-            "flow_schedule_shift",
-            "flow_schedule_auto_shift",
-            "flow_loss_weighting",
-        }
-    )
     # kohya-format export exists only for UNet families: kohya names these transformers by
     # their original (fused-qkv) layout, which diffusers names do not map onto one-to-one.
     kohya_prefix: ClassVar[str | None] = None
@@ -132,9 +124,7 @@ class FlowMatchingFamily(ModelFamily):
     @property
     def load_dtype(self) -> torch.dtype:
         # Load big checkpoints straight in the training precision (the loop casts to it anyway).
-        return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
-            self.config.mixed_precision, torch.float32
-        )
+        return precision.autocast_dtype(self.config)
 
     # --- latents ---------------------------------------------------------------------------
     def encode_images(self, components: Components, pixels: torch.Tensor) -> torch.Tensor:

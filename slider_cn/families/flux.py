@@ -81,8 +81,6 @@ class FluxFamily(FlowMatchingFamily):
         "`proj_out`, which replaces the guide's `to_out.0` there.",
     )
     pipeline_class = FluxPipeline
-    default_guidance = 3.5  # Flux.1-dev's distilled guidance (schnell has no guidance input)
-    options = FlowMatchingFamily.options | {"flux_guidance_value"}
     controlnet_pipeline_class = FluxControlNetPipeline
     controlnet_model_class = FluxControlNetModel
     max_sequence_length_default = 512  # FluxPipeline's default

@@ -44,8 +44,6 @@ def tiny_sd1x_unet() -> UNet2DConditionModel:
 class SD1xFamily(StableDiffusionFamily):
     name = "sd1x"
     description = "Stable Diffusion 1.x / 2.x (UNet2DConditionModel, CLIP text encoder)"
-    default_resolution = 512
-    default_guidance = 7.5
     targets = ArchitectureTargets(
         slider=UNET_SLIDER,
         ordinary=QKVO,  # diffusers' LoRA default: self- and cross-attention

@@ -90,7 +90,6 @@ class SD3Family(FlowMatchingFamily):
         "adapted anywhere.",
     )
     pipeline_class = StableDiffusion3Pipeline
-    default_guidance = 7.0  # StableDiffusion3Pipeline's default
     controlnet_pipeline_class = StableDiffusion3ControlNetPipeline
     controlnet_model_class = SD3ControlNetModel
     max_sequence_length_default = 256  # StableDiffusion3Pipeline's default

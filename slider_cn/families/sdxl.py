@@ -65,7 +65,6 @@ class SDXLFamily(StableDiffusionFamily):
         note="As sd1x; `add_embedding` (pooled text + micro-conditioning) is never adapted.",
     )
     pipeline_class = StableDiffusionXLPipeline
-    default_guidance = 5.0  # StableDiffusionXLPipeline's default
     controlnet_pipeline_class = StableDiffusionXLControlNetPipeline
     text_encoder_subfolders = ("text_encoder", "text_encoder_2")
     tokenizer_subfolders = ("tokenizer", "tokenizer_2")

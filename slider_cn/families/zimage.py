@@ -99,13 +99,6 @@ class ZImageFamily(FlowMatchingFamily):
         "modules are adapted.",
     )
     pipeline_class = ZImagePipeline
-    default_guidance = 5.0  # ZImagePipeline's default, for the base model
-
-    @classmethod
-    def default_validation_guidance(cls, model: str) -> float:
-        # Z-Image Turbo is guidance-distilled: its model card samples without CFG
-        return 0.0 if "turbo" in model.lower() else cls.default_guidance
-
     controlnet_pipeline_class = ZImageControlNetPipeline
     controlnet_model_class = ZImageControlNetModel
     max_sequence_length_default = 512  # ZImagePipeline's default
