@@ -86,7 +86,7 @@ def test_recipe_setup_then_one_micro_batch(tmp_path, caplog):
     recipe = SliderRecipe(config)
     with caplog.at_level(logging.INFO, logger="slider_cn.train"):
         recipe.setup()
-    assert "mixed_precision no (the default) on cpu" in caplog.text
+    assert "mixed_precision no (auto) on cpu" in caplog.text
     assert recipe.max_steps == 3 and recipe.global_step == 0
     plan, step, inputs = next(recipe._micro_batches())
     before = [p.detach().clone() for p in recipe.params]
