@@ -427,6 +427,21 @@ def _finite_float(text: str) -> float:
     return value
 
 
+# Warnings the model libraries print on import about each other's versions, at the top of every
+# run, that say nothing about the run: torch on torchao's Enum registrations, and diffusers on
+# torchao tensor classes for loading torchao-serialized checkpoints (slider-cn loads none; its
+# own quantization is applied after loading, slider_cn/precision.py). --verbose shows them.
+_LIBRARY_VERSION_NOTES = (
+    "torch.utils._pytree",
+    "diffusers.quantizers.torchao.torchao_quantizer",
+)
+
+
+def _quiet_library_version_notes() -> None:
+    for name in _LIBRARY_VERSION_NOTES:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = _join_negative_values(list(sys.argv[1:] if argv is None else argv))
@@ -436,6 +451,8 @@ def main(argv: list[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if not args.verbose:
+        _quiet_library_version_notes()
     if args.command is None:
         parser.print_help()
         return 2

@@ -117,3 +117,26 @@ def test_dataloader_problems_are_reported_together(demo, capsys):
     assert "backend #0 ('a'): unknown key 'slider_strenght'" in err
     assert "backend #1 ('b'): unknown key 'crop'" in err
     assert "backend #1 ('b'): key 'repeats'" in err
+
+
+def test_library_version_notes_are_quiet_unless_verbose(capsys):
+    """torch's and diffusers' import-time notes about torchao's version are not shown on every
+    run; --verbose shows them."""
+    import logging
+
+    from slider_cn.cli import _LIBRARY_VERSION_NOTES
+
+    def levels() -> set[int]:
+        return {logging.getLogger(name).level for name in _LIBRARY_VERSION_NOTES}
+
+    try:
+        for name in _LIBRARY_VERSION_NOTES:
+            logging.getLogger(name).setLevel(logging.NOTSET)
+        main(["--verbose", "targets", "--list-families"])
+        assert levels() == {logging.NOTSET}
+        main(["targets", "--list-families"])
+        assert levels() == {logging.ERROR}
+    finally:
+        for name in _LIBRARY_VERSION_NOTES:
+            logging.getLogger(name).setLevel(logging.NOTSET)
+    capsys.readouterr()
