@@ -283,9 +283,11 @@ class TrainConfig(BaseModel):
     @field_validator("model_family")
     @classmethod
     def _known_family(cls, value: str) -> str:
-        from slider_cn.families import family_names
+        from slider_cn.families import REFUSED, family_names
 
         names = family_names()
+        if value in REFUSED:
+            raise ValueError(f"{value!r} cannot be trained: {REFUSED[value]}")
         if value not in names:
             raise ValueError(
                 f"unknown model family {value!r}; known: {', '.join(names)}{suggest(value, names)}"
@@ -316,6 +318,13 @@ class TrainConfig(BaseModel):
         """Keys the user left unset that depend on the family, the model or the machine."""
         family = family_card(self.model_family)
         given = self.model_fields_set
+        if not family.controlnet and (
+            self.training_mode == "controlnet" or self.controlnet_model_name_or_path
+        ):
+            raise ValueError(
+                f"model_family {self.model_family!r} has no ControlNet in diffusers, so "
+                "training_mode must be 'lora' with no controlnet_model_name_or_path"
+            )
         if self.resolution is None:
             if self.is_shapes:
                 from slider_cn.shapes import NATIVE_RESOLUTION

@@ -649,5 +649,8 @@ def test_every_flow_matching_family_is_tested_here():
     from slider_cn.families import family_class, family_names
     from slider_cn.families.flow import FlowMatchingFamily
 
+    from tests.test_family_contract import NEW
+
+    # the first three are tested in depth here; later ones by tests/test_family_contract.py
     registered = {n for n in family_names() if issubclass(family_class(n), FlowMatchingFamily)}
-    assert set(FAMILIES) == registered
+    assert registered - set(NEW) == set(FAMILIES)

@@ -42,6 +42,8 @@ class FamilyCard:
     guidance_by_model: tuple[tuple[str, float], ...] = ()
     # the family-only config keys (config.FAMILY_OPTIONS) it reads; setting another warns
     options: frozenset[str] = frozenset()
+    # False for families diffusers has no ControlNet for: LoRA mode without a ControlNet only
+    controlnet: bool = True
 
     def validation_guidance(self, model: str) -> float:
         for marker, guidance in self.guidance_by_model:
@@ -72,6 +74,18 @@ FAMILIES: dict[str, FamilyCard] = {
         guidance_by_model=(("turbo", 0.0),),
         options=FLOW_OPTIONS,
     ),
+}
+
+
+# Architectures the guide names that slider-cn refuses, and why (config validation says so).
+REFUSED: dict[str, str] = {
+    "stable_cascade": "Stable Cascade is two models (a prior that makes image embeddings and a "
+    "decoder that draws from them) with no single denoiser a slider could steer; slider-cn "
+    "trains one denoiser per run",
+    "wan": "Wan is a video model: video datasets and frame-aware sampling come with a later "
+    "release",
+    "ltxvideo": "LTX-Video is a video model: video datasets and frame-aware sampling come with "
+    "a later release",
 }
 
 

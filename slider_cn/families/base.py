@@ -61,9 +61,10 @@ class ModelFamily:
     # pipelines (plain and with a ControlNet). The plain pipeline is also the family's LoRA
     # loader: its save_lora_weights writes, and its lora_state_dict reads, LoRA files.
     denoiser_model_class: ClassVar[type]
-    controlnet_model_class: ClassVar[type]
     pipeline_class: ClassVar[type]
-    controlnet_pipeline_class: ClassVar[type]
+    # None for a family diffusers has no ControlNet for (its registry line says controlnet=False)
+    controlnet_model_class: ClassVar[type | None] = None
+    controlnet_pipeline_class: ClassVar[type | None] = None
     # Which modules the slider adapts, on the denoiser and on the ControlNet (the patterns of
     # slider_cn/targets/spec.py; the name and class fields are filled in by architecture()).
     targets: ClassVar[ArchitectureTargets]
@@ -85,7 +86,7 @@ class ModelFamily:
             name=cls.name,
             description=cls.description,
             denoiser_classes=(cls.denoiser_class_name(),),
-            controlnet_classes=(cls.controlnet_class_name(),),
+            controlnet_classes=(cls.controlnet_class_name(),) if cls.has_controlnet() else (),
         )
 
     @classmethod
@@ -93,8 +94,12 @@ class ModelFamily:
         return cls.denoiser_model_class.__name__
 
     @classmethod
+    def has_controlnet(cls) -> bool:
+        return cls.controlnet_model_class is not None
+
+    @classmethod
     def controlnet_class_name(cls) -> str:
-        return cls.controlnet_model_class.__name__
+        return cls.controlnet_model_class.__name__ if cls.has_controlnet() else "none"
 
     # --- building ------------------------------------------------------------------------
     def load_components(self, *, with_controlnet: bool | None = None) -> Components:
