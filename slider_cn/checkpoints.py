@@ -1,7 +1,7 @@
 """Training checkpoints: written atomically, pruned, found again on resume.
 
-A checkpoint folder `checkpoint-<step>` holds the trainable weights (safetensors), the
-optimizer and lr-scheduler states, the sampler state, the RNG states and the step. It is
+A checkpoint folder `checkpoint-<step>` holds the trainable weights (safetensors; with
+`use_ema` also their EMA, `ema.safetensors`), the optimizer and lr-scheduler states, the sampler state, the RNG states and the step. It is
 written under a temporary name and renamed, so a crash never leaves a half checkpoint that
 `latest` would pick up. Everything is loaded with safetensors or `torch.load(weights_only=True)`.
 """
@@ -19,11 +19,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from slider_cn.errors import ConfigError
 
 PREFIX = "checkpoint-"
+EMA_FILE = "ema.safetensors"  # the EMA of trainable.safetensors (`use_ema`)
 _NAME = re.compile(rf"^{PREFIX}(\d+)$")
 
 
@@ -37,6 +39,8 @@ class TrainingState:
     weights: dict[str, torch.Tensor]
     sampler: dict[str, Any]
     extra: dict[str, Any]
+    # the EMA of the weights and its metadata (`use_ema`), when the checkpoint holds one
+    ema: tuple[dict[str, torch.Tensor], dict[str, str]] | None = None
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
@@ -137,6 +141,7 @@ def save_checkpoint(
     extra: dict[str, Any] | None = None,
     total_limit: int | None = None,
     rank_states: list[dict[str, Any]] | None = None,
+    ema: tuple[dict[str, torch.Tensor], dict[str, str]] | None = None,
 ) -> Path:
     """Write `checkpoint-<step>` atomically and prune the oldest beyond ``total_limit``.
 
@@ -153,6 +158,8 @@ def save_checkpoint(
         {k: v.detach().contiguous().cpu() for k, v in weights.items()},
         str(tmp / "trainable.safetensors"),
     )
+    if ema is not None:
+        save_file(ema[0], str(tmp / EMA_FILE), metadata=ema[1])
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(lr_scheduler.state_dict(), tmp / "scheduler.pt")
     rng = _rng_states()
@@ -216,4 +223,13 @@ def load_checkpoint(
         weights=load_file(str(path / "trainable.safetensors")),
         sampler=state["sampler"],
         extra=state.get("extra", {}),
+        ema=_load_ema(path / EMA_FILE),
     )
+
+
+def _load_ema(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
+    if not path.is_file():
+        return None
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+    return load_file(str(path)), metadata

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from slider_cn.data.config import BucketOptions
 from slider_cn.errors import ConfigError, read_json, suggest
 from slider_cn.families import FLOW_OPTIONS, family_card
 
@@ -53,12 +55,20 @@ MUST_EXIST_KEYS = (
 )
 
 
-class TrainConfig(BaseModel):
-    """Every key slider-cn's training understands. See the README's config reference."""
+class TrainConfig(BucketOptions):
+    """Every key slider-cn's training understands. See the README's config reference.
+
+    The aspect-bucket keys (`resolution_type`, `crop`, ...) come from BucketOptions: here they
+    are the defaults of every backend of the dataloader config.
+    """
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     # --- model -------------------------------------------------------------------------
+    model_type: Literal["lora"] = Field(
+        "lora",
+        description="SimpleTuner's `model_type`: only `lora` (a slider is an adapter; `lora_type` picks PEFT or LyCORIS). `full` is refused.",
+    )
     model_family: str = Field(
         "sd1x",
         description="Model family: `sd1x` (SD 1.x/2.x), `sdxl`, `sd3` (SD3/3.5), `flux` (Flux.1) or `zimage` (Z-Image / Turbo).",
@@ -164,16 +174,26 @@ class TrainConfig(BaseModel):
         None,
         description="Folder of the cached VAE latents and text embeddings; unset uses `<output_dir>/cache`.",
     )
+    caption_dropout_probability: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="Each image caption is replaced by the empty caption with this probability (drawn from the run's seeded noise generator, so resume is exact); text-slider prompts are never dropped. Unset or 0: no dropout.",
+    )
 
     # --- schedule ------------------------------------------------------------------------
     output_dir: str = Field(
         "output", description="Where checkpoints and the final adapter are written."
     )
     max_train_steps: int | None = Field(
-        None, ge=1, description="Optimizer steps to train; overrides num_train_epochs when set."
+        None,
+        ge=1,
+        description="Optimizer steps to train; overrides num_train_epochs when set (0, as in SimpleTuner, means unset).",
     )
     num_train_epochs: int = Field(
-        1, ge=1, description="Epochs to train when max_train_steps is unset."
+        1,
+        ge=0,
+        description="Epochs to train when max_train_steps is unset; 0 (SimpleTuner's way) means train for max_train_steps, which must then be set.",
     )
     train_batch_size: int = Field(1, ge=1, description="Micro-batch size per device.")
     gradient_accumulation_steps: int = Field(
@@ -184,15 +204,63 @@ class TrainConfig(BaseModel):
         "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
     ] = Field("constant", description="Learning-rate schedule.")
     lr_warmup_steps: int = Field(0, ge=0, description="Warm-up steps of the schedule.")
-    optimizer: Literal["adamw", "adamw_8bit"] = Field(
-        "adamw", description="`adamw` (torch) or `adamw_8bit` (needs bitsandbytes)."
+    lr_num_cycles: int = Field(
+        1, ge=1, description="`cosine_with_restarts`: the number of hard restarts."
     )
-    adam_beta1: float = Field(0.9, ge=0.0, lt=1.0, description="AdamW beta1.")
-    adam_beta2: float = Field(0.999, ge=0.0, lt=1.0, description="AdamW beta2.")
+    lr_power: float = Field(
+        1.0,
+        gt=0.0,
+        description="`polynomial`: the power of the decay (diffusers' default 1.0; SimpleTuner's is 0.8).",
+    )
+    optimizer: Literal["adamw", "adamw_8bit", "prodigy"] = Field(
+        "adamw",
+        description="`adamw` (torch; SimpleTuner's `adamw_bf16` is read as it: the slider's master weights are fp32), `adamw_8bit` / `adamw8bit` (bitsandbytes), `prodigy` (the prodigyopt package; learning_rate is its multiplier, usually 1.0).",
+    )
+    optimizer_config: str | dict[str, Any] | None = Field(
+        None,
+        description="Extra optimizer arguments, SimpleTuner's `key=value,key=value` (e.g. `d_coef=0.5,use_bias_correction=true` for prodigy) or an object.",
+    )
+    adam_beta1: float = Field(
+        0.9, ge=0.0, lt=1.0, description="AdamW / Prodigy beta1 (SimpleTuner's `optimizer_beta1`)."
+    )
+    adam_beta2: float = Field(
+        0.999,
+        ge=0.0,
+        lt=1.0,
+        description="AdamW / Prodigy beta2 (SimpleTuner's `optimizer_beta2`).",
+    )
     adam_weight_decay: float = Field(1e-2, ge=0.0, description="AdamW weight decay.")
     adam_epsilon: float = Field(1e-8, gt=0.0, description="AdamW epsilon.")
     max_grad_norm: float = Field(
         1.0, ge=0.0, description="Gradient clipping norm; 0 disables clipping."
+    )
+    grad_clip_method: Literal["norm", "value"] = Field(
+        "norm",
+        description="`norm`: scale the gradients to a total norm of max_grad_norm; `value`: clamp each element to ±max_grad_norm (SimpleTuner's two).",
+    )
+    loss_type: Literal["l2", "huber", "smooth_l1"] = Field(
+        "l2",
+        description="Denoising loss of every forward: `l2` (MSE), `huber` / `smooth_l1` (pseudo-Huber with threshold `huber_c`, SimpleTuner's and diffusers' formulas); composed with flow_loss_weighting.",
+    )
+    huber_c: float = Field(
+        0.1, gt=0.0, le=1.0, description="Threshold of the `huber` / `smooth_l1` losses."
+    )
+    huber_schedule: Literal["snr", "exponential", "constant"] = Field(
+        "snr",
+        description="How the threshold varies with the noise level: `snr` (SimpleTuner's default: from 1 on clean inputs toward huber_c on noisy ones), `exponential` (huber_c ** (t / T)), `constant`.",
+    )
+    use_ema: bool = Field(
+        False,
+        description="Keep an exponential moving average of the slider's weights; saved in checkpoints and written beside the slider as `*_ema.safetensors`.",
+    )
+    ema_decay: float = Field(
+        0.995,
+        gt=0.0,
+        lt=1.0,
+        description="EMA decay (SimpleTuner's default); early updates use min(ema_decay, (1 + n) / (10 + n)) as diffusers' EMAModel does.",
+    )
+    ema_update_interval: int | None = Field(
+        None, ge=1, description="Update the EMA every N optimizer steps (unset: every step)."
     )
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field(
         "auto",
@@ -255,6 +323,16 @@ class TrainConfig(BaseModel):
     validation_seed: int | None = Field(
         None, ge=0, description="Seed of validation images; unset uses `seed`."
     )
+    validation_resolution: int | str | None = Field(
+        None,
+        description="Size of validation images: `1024` (square), `1024x768` (width x height) or SimpleTuner's comma list (the first is rendered); multiples of 8. Unset uses `resolution`.",
+    )
+    validation_guidance_rescale: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="CFG rescale of validation images, passed as `guidance_rescale` to pipelines that take it (SD 1.x/2.x, SDXL); a warning once for those that do not.",
+    )
 
     report_to: Literal["none", "tensorboard", "wandb"] = Field(
         "none", description="Where metrics are logged."
@@ -280,6 +358,66 @@ class TrainConfig(BaseModel):
             raise ValueError(f"must be a multiple of 8 (got {value}); try {value - value % 8 or 8}")
         return value
 
+    @field_validator("model_type", mode="before")
+    @classmethod
+    def _lora_only(cls, value: Any) -> Any:
+        if value == "full":
+            raise ValueError(
+                "model_type 'full' (a full fine-tune) is not supported: slider-cn trains slider "
+                "adapters; set model_type 'lora' (lora_type picks PEFT or LyCORIS)"
+            )
+        if value != "lora":
+            raise ValueError(f"model_type must be 'lora' (got {value!r})")
+        return value
+
+    @field_validator("optimizer", mode="before")
+    @classmethod
+    def _simpletuner_optimizer(cls, value: Any) -> Any:
+        if isinstance(value, str) and value in OPTIMIZER_ALIASES:
+            mapped = OPTIMIZER_ALIASES[value]
+            if value == "adamw_bf16":
+                log.info(
+                    "optimizer 'adamw_bf16' is read as 'adamw': the slider's master weights are "
+                    "fp32, so AdamW needs no bf16 rounding"
+                )
+            return mapped
+        if isinstance(value, str) and value not in ("adamw", "adamw_8bit", "prodigy"):
+            names = ["adamw", "adamw_bf16", "adamw8bit", "adamw_8bit", "prodigy"]
+            raise ValueError(
+                f"optimizer {value!r} is not supported by slider-cn; use one of "
+                f"{', '.join(names)}{suggest(value, names)}"
+            )
+        return value
+
+    @field_validator("max_train_steps", mode="before")
+    @classmethod
+    def _zero_steps_is_unset(cls, value: Any) -> Any:
+        # SimpleTuner: max_train_steps 0 lets num_train_epochs decide
+        return None if value in (0, "0") else value
+
+    @field_validator("validation_resolution")
+    @classmethod
+    def _validation_sizes(cls, value: int | str | None) -> int | str | None:
+        if value is not None:
+            parse_sizes(value)
+        return value
+
+    @field_validator("optimizer_config")
+    @classmethod
+    def _optimizer_arguments(cls, value: str | dict | None) -> str | dict | None:
+        if value is not None:
+            parse_optimizer_config(value)
+        return value
+
+    @model_validator(mode="after")
+    def _steps_or_epochs(self) -> TrainConfig:
+        if self.num_train_epochs == 0 and self.max_train_steps is None:
+            raise ValueError(
+                "num_train_epochs 0 means 'train for max_train_steps', but max_train_steps is "
+                "unset (or 0): set max_train_steps, or num_train_epochs to 1 or more"
+            )
+        return self
+
     @field_validator("model_family")
     @classmethod
     def _known_family(cls, value: str) -> str:
@@ -293,6 +431,32 @@ class TrainConfig(BaseModel):
                 f"unknown model family {value!r}; known: {', '.join(names)}{suggest(value, names)}"
             )
         return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _megapixels_as_pixel_area(cls, data: Any) -> Any:
+        """`resolution_type: area` measures in megapixels; here `resolution` is also the
+        square side validation and text sliders use, so the same sizes are written as their
+        `pixel_area` equivalents (the side of a square of that area)."""
+        if not isinstance(data, dict) or data.get("resolution_type") != "area":
+            return data
+        data = dict(data)
+        data["resolution_type"] = "pixel_area"
+        for key in (
+            "resolution",
+            "minimum_image_size",
+            "maximum_image_size",
+            "target_downsample_size",
+        ):
+            value = data.get(key)
+            try:
+                value = float(value) if not isinstance(value, bool) else None
+            except (TypeError, ValueError):
+                value = None  # left for the field's own validation to report
+            if value is not None:
+                side = math.sqrt(value * 1_000_000)
+                data[key] = int(round(side / 8)) * 8 if key == "resolution" else side
+        return data
 
     @model_validator(mode="after")
     def _simpletuner_controlnet_flag(self) -> TrainConfig:
@@ -367,6 +531,84 @@ class TrainConfig(BaseModel):
     def effective_lora_alpha(self) -> float:
         return float(self.lora_alpha if self.lora_alpha is not None else self.lora_rank)
 
+    @property
+    def validation_size(self) -> tuple[int, int]:
+        """(width, height) of validation images: the first of `validation_resolution`, else the
+        square `resolution`."""
+        if self.validation_resolution is None:
+            return (self.resolution, self.resolution)
+        return parse_sizes(self.validation_resolution)[0]
+
+    @property
+    def optimizer_kwargs(self) -> dict[str, Any]:
+        """`optimizer_config` as keyword arguments of the optimizer."""
+        return parse_optimizer_config(self.optimizer_config) if self.optimizer_config else {}
+
+
+# SimpleTuner's optimizer names -> slider-cn's
+OPTIMIZER_ALIASES = {
+    "adamw_bf16": "adamw",
+    "adamw8bit": "adamw_8bit",
+    "bnb-adamw8bit": "adamw_8bit",
+}
+
+
+def parse_sizes(value: int | str) -> list[tuple[int, int]]:
+    """SimpleTuner's validation_resolution: `1024`, `1024x768` (width x height), or a comma list
+    of those -> [(width, height), ...]; each side a multiple of 8."""
+    sizes = []
+    for part in str(value).split(","):
+        text = part.strip().lower()
+        if not text:
+            continue
+        sides = text.split("x")
+        try:
+            numbers = [float(s) for s in sides]
+        except ValueError:
+            raise ValueError(
+                f"{part.strip()!r} is not a size: write 1024, 1024x768 (width x height) or a comma list"
+            ) from None
+        if len(numbers) not in (1, 2) or any(n != int(n) or n < 8 for n in numbers):
+            raise ValueError(f"{part.strip()!r} is not a size in pixels (e.g. 1024 or 1024x768)")
+        width, height = (int(numbers[0]), int(numbers[-1]))
+        for side in (width, height):
+            if side % 8:
+                raise ValueError(
+                    f"{part.strip()!r}: sides must be multiples of 8 (try {side - side % 8 or 8})"
+                )
+        sizes.append((width, height))
+    if not sizes:
+        raise ValueError("is empty")
+    return sizes
+
+
+def parse_optimizer_config(value: str | dict[str, Any]) -> dict[str, Any]:
+    """SimpleTuner's `optimizer_config` (`key=value,key=value`) or an object -> kwargs; values
+    are read as numbers, booleans or None where they look like one."""
+    if isinstance(value, dict):
+        return dict(value)
+    kwargs: dict[str, Any] = {}
+    for part in value.split(","):
+        if not part.strip():
+            continue
+        if "=" not in part:
+            raise ValueError(f"{part.strip()!r} is not key=value")
+        key, text = (s.strip() for s in part.split("=", 1))
+        lowered = text.lower()
+        if lowered in ("true", "false"):
+            kwargs[key] = lowered == "true"
+        elif lowered in ("none", "null"):
+            kwargs[key] = None
+        else:
+            try:
+                kwargs[key] = int(text)
+            except ValueError:
+                try:
+                    kwargs[key] = float(text)
+                except ValueError:
+                    kwargs[key] = text
+    return kwargs
+
 
 KNOWN_KEYS = tuple(TrainConfig.model_fields)
 
@@ -399,12 +641,46 @@ def parse_overrides(tokens: list[str]) -> dict[str, str | None]:
 
 
 def _unknown_keys(keys: list[str], source: str) -> list[str]:
-    """One error line per unknown key (all of them, each with its did-you-mean)."""
+    """One error line per unknown key (all of them, each with its did-you-mean: slider-cn's
+    keys first, SimpleTuner's accepted ones only when no key of ours is close)."""
+    from slider_cn import simpletuner
+
+    accepted = (*simpletuner.IGNORED_KEYS, *simpletuner.OFF_ONLY_KEYS, *simpletuner.KEY_ALIASES)
     return [
-        f"{source}: unknown key '{key}'{suggest(key, KNOWN_KEYS)}"
+        f"{source}: unknown key '{key}'{suggest(key, KNOWN_KEYS) or suggest(key, accepted)}"
         for key in keys
-        if key not in KNOWN_KEYS
+        if key not in KNOWN_KEYS and key not in accepted
     ]
+
+
+def _simpletuner_keys(
+    values: dict[str, Any], source: str, not_used: set[str], errors: list[str]
+) -> dict[str, Any]:
+    """SimpleTuner's keys (slider_cn/simpletuner.py) sorted out of ``values``: aliases renamed,
+    machinery keys (and off-only keys at their off value) added to ``not_used``, off-only keys
+    that are on reported in ``errors``. Returns the rest (ours and the unknown)."""
+    from slider_cn import simpletuner
+
+    kept: dict[str, Any] = {}
+    for key, value in values.items():
+        if key in KNOWN_KEYS:
+            kept[key] = value
+        elif key in simpletuner.KEY_ALIASES:
+            ours = simpletuner.KEY_ALIASES[key]
+            if ours in values:
+                errors.append(f"{source}: '{key}' is SimpleTuner's name of '{ours}': give one")
+            else:
+                kept[ours] = value
+        elif key in simpletuner.OFF_ONLY_KEYS:
+            if simpletuner.is_off(key, value):
+                not_used.add(key)
+            else:
+                errors.append(simpletuner.off_only_error(key, value, source))
+        elif key in simpletuner.IGNORED_KEYS:
+            not_used.add(key)
+        else:
+            kept[key] = value
+    return kept
 
 
 def _coerce_cli_value(key: str, value: str | None) -> Any:
@@ -450,25 +726,39 @@ def _format_error(err: dict[str, Any], source: str) -> str:
 def load_config(
     path: str | Path | None, overrides: dict[str, str | None] | None = None
 ) -> TrainConfig:
-    """Load a config file (or only defaults when ``path`` is None) and apply overrides."""
+    """Load a config file (JSON, SimpleTuner's config.toml or config.env; or only defaults when
+    ``path`` is None) and apply overrides. SimpleTuner's machinery keys are accepted and named
+    once in one log line (slider_cn/simpletuner.py)."""
+    from slider_cn.simpletuner import is_env_file, read_config_file
+
     file_values: dict[str, Any] = {}
     source = "command line"
+    from_env = False
+    not_used: set[str] = set()
     if path is not None:
         path = Path(path)
-        raw = read_json(path)
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: the config must be a JSON object of key: value pairs")
+        raw, env_not_used = read_config_file(path)
+        not_used.update(env_not_used)
         file_values = {_normalise_key(k): v for k, v in raw.items()}
         source = str(path)
+        # config.env values are strings, typed like command-line values
+        from_env = is_env_file(path)
 
     # Every problem in one message: all unknown keys, then every bad value of the known ones.
-    errors = _unknown_keys(list(file_values), source if path is not None else "config")
-    errors += _unknown_keys(list(overrides or {}), "command line")
-    file_values = {k: v for k, v in file_values.items() if k in KNOWN_KEYS}
+    errors: list[str] = []
+    file_values = _simpletuner_keys(file_values, source, not_used, errors)
+    cli_overrides = _simpletuner_keys(dict(overrides or {}), "command line", not_used, errors)
+    errors += _unknown_keys(list(file_values), source if path is not None else "config")
+    errors += _unknown_keys(list(cli_overrides), "command line")
+    file_values = {
+        k: _coerce_cli_value(k, v) if from_env and isinstance(v, str) else v
+        for k, v in file_values.items()
+        if k in KNOWN_KEYS
+    }
     if path is not None:
         _resolve_paths(file_values, path.parent.resolve(), set(file_values))
     cli_values: dict[str, Any] = {
-        k: _coerce_cli_value(k, v) for k, v in (overrides or {}).items() if k in KNOWN_KEYS
+        k: _coerce_cli_value(k, v) for k, v in cli_overrides.items() if k in KNOWN_KEYS
     }
     _resolve_paths(cli_values, Path.cwd(), set(cli_values))
 
@@ -481,6 +771,8 @@ def load_config(
             errors.append(_format_error(err, src))
     if errors:
         raise ConfigError("\n".join(errors))
+    if not_used:
+        log.info("not used by slider-cn: %s", ", ".join(sorted(not_used)))
 
     for key in MUST_EXIST_KEYS:
         value = getattr(config, key)

@@ -34,6 +34,18 @@ BASE_FOLDER = "base"  # the base model of a `tiny` run
 RUN_FILE = "slider_cn_run.json"  # the run's metadata and the files it wrote
 FOLDER_METADATA_FILE = "slider_cn.json"  # metadata beside a saved model folder
 EXPORT_FOLDER = "export"
+# `use_ema`: the EMA of the slider, written beside it under the same names with this suffix
+# (`pytorch_lora_weights_ema.safetensors`, `controlnet_ema/`, ...)
+EMA_SUFFIX = "_ema"
+
+
+def variant_name(name: str, suffix: str) -> str:
+    """``name`` with ``suffix`` before its extension: a file or folder of the EMA variant."""
+    if not suffix:
+        return name
+    path = Path(name)
+    return f"{path.stem}{suffix}{path.suffix}" if path.suffix else f"{name}{suffix}"
+
 
 # --- metadata keys (every safetensors file a run writes carries them) -----------------------
 FAMILY = "slider_cn.family"
@@ -49,6 +61,8 @@ NEUTRAL_MODE = "slider_cn.neutral_mode"
 STEPS = "slider_cn.steps"
 PROMPTS = "slider_cn.prompts"
 EXPORTED_STRENGTH = "slider_cn.exported_strength"
+# The file holds the EMA of the slider's weights (`use_ema`), not the trained weights.
+EMA = "slider_cn.ema"
 # The file's lora_B holds alpha/r and its adapter config says alpha = r.
 ALPHA_FOLDED = "slider_cn.alpha_folded"
 # The prefix of a LyCORIS file's module names ("lora_unet", "lycoris"); absent: "lycoris".

@@ -179,7 +179,7 @@ def _family_role(model: nn.Module) -> str | None:
 
     for name in family_names():
         family = family_class(name)
-        if isinstance(model, family.controlnet_model_class):
+        if family.has_controlnet() and isinstance(model, family.controlnet_model_class):
             return "controlnet"
         if isinstance(model, family.denoiser_model_class):
             return family.lora_component

@@ -9,7 +9,10 @@
   output projections included, the slider not merged) is saved to `controlnet/`;
 - LyCORIS: `slider_lycoris.safetensors`, lycoris-lora's layout with kohya-style module names
   (`lora_unet_...`) for UNet families (slider_cn/formats.py `lycoris_key_prefix`);
-- `tiny` runs: the base components in `base/`, so the result can be loaded and inspected.
+- `tiny` runs: the base components in `base/`, so the result can be loaded and inspected;
+- `use_ema`: the EMA of the slider's weights beside each slider file, in its format, under its
+  name with `_ema` (`pytorch_lora_weights_ema.safetensors`, `controlnet_ema/`, ...), with
+  `slider_cn.ema` in its metadata.
 Every safetensors file carries slider-cn metadata (family, mode, targets, strengths, rank/alpha,
 base model).
 """
@@ -17,6 +20,8 @@ base model).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import torch
@@ -31,6 +36,7 @@ from slider_cn.formats import (
     BASE_LORA_FILE,
     CONTROLNET_FOLDER,
     CONTROLNET_LORA_FILE,
+    EMA_SUFFIX,
     FOLDER_METADATA_FILE,
     KOHYA_FILE,
     LYCORIS_FILE,
@@ -40,6 +46,7 @@ from slider_cn.formats import (
     fold_alpha,
     jsonable,
     peft_to_kohya,
+    variant_name,
 )
 
 
@@ -92,15 +99,72 @@ def write_final_outputs(
     projection_names: list[str],
     backends,
     steps: int,
+    ema: Callable[[], AbstractContextManager] | None = None,
 ) -> dict[str, Path]:
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     metadata = slider_metadata(config, family, targets, backends, steps, adapter)
+    slider = dict(
+        config=config,
+        family=family,
+        components=components,
+        adapter=adapter,
+        trainable=trainable,
+        projection_names=projection_names,
+    )
+    written = _write_slider(output_dir, "", metadata, **slider)
+    if ema is not None:
+        # the EMA weights in the live adapter for the write, in the same formats and names
+        # with `_ema` (slider_cn/ema.py)
+        with ema():
+            ema_metadata = {**metadata, formats.EMA: "true"}
+            for what, path in _write_slider(output_dir, EMA_SUFFIX, ema_metadata, **slider).items():
+                written[f"{what}{EMA_SUFFIX}"] = path
+
+    if config.is_tiny:
+        # `tiny` is deterministic per seed: rebuild the untouched base rather than strip adapters.
+        family.save_pretrained(
+            family.load_components(with_controlnet=False), output_dir / BASE_FOLDER
+        )
+        written["base"] = output_dir / BASE_FOLDER
+
+    (output_dir / RUN_FILE).write_text(
+        json.dumps(
+            {"metadata": metadata, "files": {k: str(v) for k, v in written.items()}}, indent=2
+        ),
+        encoding="utf-8",
+    )
+    return written
+
+
+def _write_slider(
+    output_dir: Path,
+    suffix: str,
+    metadata: dict[str, str],
+    *,
+    config,
+    family,
+    components,
+    adapter,
+    trainable: torch.nn.Module,
+    projection_names: list[str],
+) -> dict[str, Path]:
+    """The slider's files (and a fresh ControlNet) under their names with ``suffix``."""
     written: dict[str, Path] = {}
     side = "controlnet" if config.training_mode == "controlnet" else "denoiser"
+    lycoris_file, base_lora_file, kohya_file, controlnet_lora_file, controlnet_folder = (
+        variant_name(name, suffix)
+        for name in (
+            LYCORIS_FILE,
+            BASE_LORA_FILE,
+            KOHYA_FILE,
+            CONTROLNET_LORA_FILE,
+            CONTROLNET_FOLDER,
+        )
+    )
 
     if adapter.kind == "lycoris":
-        path = output_dir / LYCORIS_FILE
+        path = output_dir / lycoris_file
         prefix = formats.lycoris_key_prefix(family, side)
         save_file(
             adapter.file_state(prefix),
@@ -134,24 +198,24 @@ def write_final_outputs(
                         "lora_alpha": adapter.rank,
                     },
                 },
-                weight_name=BASE_LORA_FILE,
+                weight_name=base_lora_file,
             )
-            add_metadata(output_dir / BASE_LORA_FILE, {**metadata, ALPHA_FOLDED: "true"})
-            written["diffusers"] = output_dir / BASE_LORA_FILE
+            add_metadata(output_dir / base_lora_file, {**metadata, ALPHA_FOLDED: "true"})
+            written["diffusers"] = output_dir / base_lora_file
             if family.kohya_prefix is not None:  # families whose kohya names are diffusers'
                 kohya = peft_to_kohya(lora_state, alpha=adapter.alpha, prefix=family.kohya_prefix)
                 save_file(
                     kohya,
-                    str(output_dir / KOHYA_FILE),
+                    str(output_dir / kohya_file),
                     metadata={
                         **metadata,
                         "ss_network_alpha": str(adapter.alpha),
                         "ss_network_dim": str(adapter.rank),
                     },
                 )
-                written["kohya"] = output_dir / KOHYA_FILE
+                written["kohya"] = output_dir / kohya_file
         else:
-            path = output_dir / CONTROLNET_LORA_FILE
+            path = output_dir / controlnet_lora_file
             # alpha/r folded into lora_B, lora_alpha = r: `load_lora_adapter(file_path,
             # prefix=None)` does not read a file's adapter metadata (diffusers 0.42 reads it only
             # with weight_name= or use_safetensors=True) and would take alpha = r, rescaling the
@@ -173,7 +237,7 @@ def write_final_outputs(
     if side == "controlnet" and components.controlnet_is_fresh:
         # A fresh ControlNet exists nowhere else: save it as initialised plus its trained output
         # projections, without the slider (which loads on top of it).
-        folder = output_dir / CONTROLNET_FOLDER
+        folder = output_dir / controlnet_folder
         if config.base_model_precision != "no":
             # the denoiser in memory is stored quantized: initialise from the base as loaded
             denoiser = family.load_components(with_controlnet=False).denoiser
@@ -189,19 +253,6 @@ def write_final_outputs(
         (folder / FOLDER_METADATA_FILE).write_text(json.dumps(metadata, indent=2), encoding="utf-8")
         written["controlnet"] = folder
 
-    if config.is_tiny:
-        # `tiny` is deterministic per seed: rebuild the untouched base rather than strip adapters.
-        family.save_pretrained(
-            family.load_components(with_controlnet=False), output_dir / BASE_FOLDER
-        )
-        written["base"] = output_dir / BASE_FOLDER
-
-    (output_dir / RUN_FILE).write_text(
-        json.dumps(
-            {"metadata": metadata, "files": {k: str(v) for k, v in written.items()}}, indent=2
-        ),
-        encoding="utf-8",
-    )
     return written
 
 

@@ -45,6 +45,7 @@ from slider_cn.data.backends import training_backends
 from slider_cn.data.cache import EncodedCache
 from slider_cn.data.loading import prefetch_batches
 from slider_cn.data.sampler import SliderSampler
+from slider_cn.ema import SliderEMA
 from slider_cn.errors import ConfigError
 from slider_cn.families import get_family
 from slider_cn.offload import TextEncoderPlacement
@@ -90,6 +91,10 @@ def preflight(config: TrainConfig):
         )
     if config.optimizer == "adamw_8bit" and importlib.util.find_spec("bitsandbytes") is None:
         raise ConfigError("optimizer 'adamw_8bit' needs bitsandbytes: pip install bitsandbytes")
+    if config.optimizer == "prodigy" and importlib.util.find_spec("prodigyopt") is None:
+        raise ConfigError(
+            "optimizer 'prodigy' needs the prodigyopt package: pip install prodigyopt"
+        )
     if config.lora_type == "lycoris":
         read_lycoris_config(config.lycoris_config)
     precision.check_config(config)
@@ -147,6 +152,8 @@ class SliderRecipe:
         self.epoch = 0
         self.boundary: dict[str, Any] = {}  # the state at the last step boundary (checkpoints)
         self.bad_batches: list = []  # micro-batches with a non-finite loss since the last step
+        self.dropped_captions = 0  # captions dropped from the micro-batch being trained
+        self.ema: SliderEMA | None = None  # `use_ema`
         self.interrupt = _DeferredInterrupt()
         self.log_file = None
         self.progress = None
@@ -306,6 +313,8 @@ class SliderRecipe:
             # accelerate steps the scheduler once per process
             num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
             num_training_steps=self.max_steps * accelerator.num_processes,
+            num_cycles=config.lr_num_cycles,
+            power=config.lr_power,
         )
         if any(p.requires_grad for p in self.trainable.parameters()):
             prepared, optimizer, lr_scheduler = accelerator.prepare(
@@ -317,6 +326,8 @@ class SliderRecipe:
             optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
             prepared = self.trainable
         self.prepared, self.optimizer, self.lr_scheduler = prepared, optimizer, lr_scheduler
+        if config.use_ema:
+            self.ema = SliderEMA(self.trainables, config.ema_decay, config.ema_update_interval)
         # Forward through the prepared module so that distributed gradient sync sees it.
         if self.side == "controlnet":
             self.components.controlnet = prepared
@@ -350,6 +361,11 @@ class SliderRecipe:
             self.components,
             device=self.device,
             text_encoders_onloaded=self.text_encoders.onloaded,
+            folders={
+                b.id: (b.latent_cache, b.text_cache)
+                for b in self.backends
+                if b.latent_cache or b.text_cache
+            },
         )
         # Noise and timesteps come from a generator of their own, seeded per rank, so they are
         # reproducible and resumable whatever else draws random numbers.
@@ -371,6 +387,17 @@ class SliderRecipe:
                 world_size=accelerator.num_processes,
             )
             self.trainables.load_state_dict(state.weights)
+            if self.ema is not None and state.ema is not None:
+                self.ema.load_state_dict(*state.ema)
+            elif self.ema is not None:
+                log.warning(
+                    "%s holds no EMA (the run had no use_ema): the EMA starts from the "
+                    "resumed weights",
+                    path,
+                )
+                self.ema = SliderEMA(
+                    self.trainables, self.config.ema_decay, self.config.ema_update_interval
+                )
         except (OSError, ValueError, RuntimeError, KeyError) as exc:
             raise ConfigError(
                 f"cannot resume from {path}: {exc}. The checkpoint must be complete and come from "
@@ -477,6 +504,8 @@ class SliderRecipe:
             "lr": self.lr_scheduler.get_last_lr()[0],
             "files": [str(f) for f in plan.files],
         }
+        if plan.prompt is None and self.config.caption_dropout_probability:
+            record["dropped_captions"] = self.dropped_captions
         if plan.prompt is not None:
             # a text slider's micro-batch: which entry, and the sampler steps to x_t
             record["prompts"] = f"{plan.prompt.entry}:{plan.prompt.kind}"
@@ -493,7 +522,12 @@ class SliderRecipe:
                 p.grad = accelerator.reduce(p.grad, reduction="mean")
         # The norm of the averaged gradients is the same on every rank, so all ranks agree to
         # stop; a NaN from any rank or micro-batch shows up here.
-        norm = accelerator.clip_grad_norm_(self.params, self.config.max_grad_norm or math.inf)
+        by_value = self.config.grad_clip_method == "value"
+        limit = self.config.max_grad_norm or math.inf
+        # (by value: the norm is measured, unclipped, then each element clamped)
+        norm = accelerator.clip_grad_norm_(self.params, math.inf if by_value else limit)
+        if by_value and self.config.max_grad_norm:
+            torch.nn.utils.clip_grad_value_(self.params, limit)
         if norm is not None and not torch.isfinite(norm):
             self.optimizer.zero_grad(set_to_none=True)
             where = self.save_checkpoint()
@@ -515,6 +549,8 @@ class SliderRecipe:
         Ctrl-C; then progress, trackers, a checkpoint and validation when they are due."""
         config, accelerator = self.config, self.accelerator
         self.global_step += 1
+        if self.ema is not None:
+            self.ema.step(self.global_step)
         self.log_file.flush()
         self.boundary = self._boundary(self.epoch, after=plan)
         if self.interrupt.agreed(accelerator):
@@ -584,22 +620,42 @@ class SliderRecipe:
                 + (f"; here: {failure}" if failure is not None else "")
             )
 
+    def _drop_captions(self, captions: list[str]) -> list[str]:
+        """`caption_dropout_probability`: each caption of an image batch replaced by the empty
+        caption with that probability, drawn from the run's noise generator (restored on
+        resume: the micro-batch is encoded after the step boundary the checkpoint holds)."""
+        p = self.config.caption_dropout_probability
+        self.dropped_captions = 0
+        if not p:
+            return captions  # no draw: runs without dropout keep their noise sequence
+        draws = torch.rand(len(captions), generator=self.generator)
+        kept = [
+            caption if draw >= p else ""
+            for caption, draw in zip(captions, draws.tolist(), strict=True)
+        ]
+        self.dropped_captions = sum(1 for draw in draws.tolist() if draw < p)
+        return kept
+
     def _encode(self, plan, batch):
         """The step and its inputs for one micro-batch (the cache reads images it lacks)."""
         dtype, cache = self.weight_dtype, self.cache
         pixels = batch.conditioning_pixels
         pixels = None if pixels is None else pixels.to(self.device, dtype)
         if plan.prompt is None:
+            cond = cache.text(self._drop_captions(batch.captions), plan.backend)
+            geometry = batch.geometry()  # each image's size and crop (SDXL conditions on it)
+            if geometry is not None:
+                cond["image_geometry"] = geometry.to(self.device)
             return self.step_fn, StepInputs(
                 latents=cache.latents(batch).to(dtype),
-                cond=_cast(cache.text(batch.captions), dtype),
+                cond=_cast(cond, dtype),
                 slider_strength=plan.slider_strength,
                 sign=plan.sign,
                 conditioning_pixels=pixels,
             )
         return self.text_step_fn, TextStepInputs(
             task=plan.prompt,
-            cond=_cast(cache.text(_prompt_captions(plan)), dtype),
+            cond=_cast(cache.text(_prompt_captions(plan), plan.backend), dtype),
             batch_size=len(plan.samples),
             resolution=plan.resolution,
             slider_strength=plan.slider_strength,
@@ -637,6 +693,7 @@ class SliderRecipe:
             },
             total_limit=self.config.checkpoints_total_limit,
             rank_states=rank_states,
+            ema=None if self.ema is None else self.ema.state_dict(),
         )
 
     def run_validation(self) -> None:
@@ -708,6 +765,7 @@ class SliderRecipe:
                 projection_names=self.trainables.projection_names,
                 backends=self.backends,
                 steps=self.global_step,
+                ema=None if self.ema is None else self.ema.swapped_in,
             )
             log.info("slider written to %s", self.output_dir)
         if config.report_to != "none":
@@ -733,16 +791,32 @@ def _optimizer(config: TrainConfig, params: list[torch.nn.Parameter]) -> torch.o
         weight_decay=config.adam_weight_decay,
         eps=config.adam_epsilon,
     )
-    if config.optimizer == "adamw_8bit":
-        try:
-            import bitsandbytes as bnb
-        except ImportError:
-            raise ConfigError(
-                "optimizer 'adamw_8bit' needs bitsandbytes: pip install bitsandbytes"
-            ) from None
-        return bnb.optim.AdamW8bit(params, **kwargs)
-    fused = torch.cuda.is_available() and all(p.is_cuda for p in params)
-    return torch.optim.AdamW(params, fused=fused or None, **kwargs)
+    kwargs.update(config.optimizer_kwargs)  # `optimizer_config`
+    try:
+        if config.optimizer == "adamw_8bit":
+            try:
+                import bitsandbytes as bnb
+            except ImportError:
+                raise ConfigError(
+                    "optimizer 'adamw_8bit' needs bitsandbytes: pip install bitsandbytes"
+                ) from None
+            return bnb.optim.AdamW8bit(params, **kwargs)
+        if config.optimizer == "prodigy":
+            try:
+                from prodigyopt import Prodigy
+            except ImportError:
+                raise ConfigError(
+                    "optimizer 'prodigy' needs the prodigyopt package: pip install prodigyopt"
+                ) from None
+            return Prodigy(params, **kwargs)
+        fused = torch.cuda.is_available() and all(p.is_cuda for p in params)
+        kwargs.setdefault("fused", fused or None)
+        return torch.optim.AdamW(params, **kwargs)
+    except TypeError as exc:
+        raise ConfigError(
+            f"optimizer_config {config.optimizer_config!r}: optimizer '{config.optimizer}' "
+            f"does not take it ({exc})"
+        ) from None
 
 
 def _max_strength(backends) -> float:

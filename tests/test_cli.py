@@ -108,14 +108,14 @@ def test_dataloader_problems_are_reported_together(demo, capsys):
         json.dumps(
             [
                 {"id": "a", "instance_data_dir": "data/plus", "slider_strenght": 1},
-                {"id": "b", "instance_data_dir": "data/minus", "crop": True, "repeats": -1},
+                {"id": "b", "instance_data_dir": "data/minus", "crop_stile": "x", "repeats": -1},
             ]
         )
     )
     assert main(["train", "--config", str(demo["config"]), "--dry-run"]) == 2
     err = capsys.readouterr().err
     assert "backend #0 ('a'): unknown key 'slider_strenght'" in err
-    assert "backend #1 ('b'): unknown key 'crop'" in err
+    assert "backend #1 ('b'): unknown key 'crop_stile'" in err
     assert "backend #1 ('b'): key 'repeats'" in err
 
 

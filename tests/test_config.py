@@ -129,10 +129,10 @@ def test_every_problem_is_reported_in_one_run(tmp_path, capsys):
         json.dumps(
             {
                 "learning_rat": 1e-4,
-                "use_ema": True,
-                "hub_model_id": "x",
+                "use_emma": True,
+                "hub_modelid": "x",
                 "lora_rnk": 4,
-                "push_to_hub": False,
+                "push_to_hubb": False,
                 "train_batch_size": 0,
                 "max_train_steps": 2,
             }
@@ -140,9 +140,11 @@ def test_every_problem_is_reported_in_one_run(tmp_path, capsys):
     )
     assert main(["train", "--config", str(path), "--dry-run", "--seeed", "1"]) == 2
     err = capsys.readouterr().err
-    for key in ("learning_rat", "use_ema", "hub_model_id", "lora_rnk", "push_to_hub", "seeed"):
+    for key in ("learning_rat", "use_emma", "hub_modelid", "lora_rnk", "push_to_hubb", "seeed"):
         assert f"unknown key '{key}'" in err, key
     assert "did you mean 'learning_rate'" in err and "did you mean 'lora_rank'" in err
+    # SimpleTuner's accepted keys are did-you-mean targets only when none of ours is close
+    assert "did you mean 'use_ema'" in err and "did you mean 'hub_model_id'" in err
     assert "key 'train_batch_size'" in err
 
 

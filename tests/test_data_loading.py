@@ -139,7 +139,7 @@ def test_load_without_pixels_keeps_captions_and_conditioning(tmp_path):
 
 
 def _numbered_images(tmp_path, count: int, bad: int | None = None):
-    (tmp_path / "img").mkdir()
+    (tmp_path / "img").mkdir(parents=True)
     for i in range(count):
         Image.new("RGB", (32, 32), (10 * i, 0, 0)).save(tmp_path / f"img/{i:02d}.png")
     if bad is not None:
@@ -195,7 +195,9 @@ def test_prefetch_raises_in_order_and_stops_its_thread(tmp_path):
             seen.append(plan.samples[0].path.name)
     assert seen == order[: order.index("02.png")]
 
-    batches = prefetch_batches(SliderSampler(sampler.backends, 1, seed=5), pixels=False)
+    # (file headers are read even without pixels: the placement needs the image's size)
+    good = _numbered_images(tmp_path / "good", 4)
+    batches = prefetch_batches(SliderSampler(good.backends, 1, seed=5), pixels=False)
     next(batches)
     batches.close()  # an early break: the reader thread ends with it
     assert not any(t.name.startswith("slider-cn-load") for t in threading.enumerate())

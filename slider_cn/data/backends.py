@@ -22,11 +22,13 @@ model is loaded, so `slider-cn train --dry-run --plan N` can use it.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from slider_cn.data.buckets import BucketSpec, Placement, place
 from slider_cn.data.config import BackendConfig, load_backend_configs
 from slider_cn.data.prompts import PromptEntry, PromptTask, entry_tasks, load_prompt_entries
 from slider_cn.errors import ConfigError
@@ -34,6 +36,8 @@ from slider_cn.image_files import IMAGE_EXTENSIONS, scan_images
 
 if TYPE_CHECKING:
     from slider_cn.config import TrainConfig
+
+log = logging.getLogger(__name__)
 
 # How many unpaired files an error message lists before it only counts the rest.
 MAX_LISTED = 20
@@ -51,6 +55,8 @@ class Sample:
     key: str
     caption: str
     conditioning: Path | None = None
+    # bucket, resize and crop; None under the default square crop (placed when loaded)
+    placement: Placement | None = None
 
 
 @dataclass
@@ -67,6 +73,15 @@ class Backend:
     config: BackendConfig | None = field(default=None, repr=False)
     # Set for the backends of a `slider_prompts` entry: what its micro-batches train.
     prompt: PromptTask | None = None
+    # how its images are bucketed, resized and cropped (None: a square of `resolution`)
+    spec: BucketSpec | None = None
+    # where its latents and its captions' text embeddings are cached (None: under cache_dir)
+    latent_cache: Path | None = None
+    text_cache: Path | None = None
+
+    @property
+    def bucket_spec(self) -> BucketSpec:
+        return self.spec or BucketSpec(resolution=self.resolution)
 
     @property
     def sign(self) -> str:
@@ -95,6 +110,15 @@ def sample_key(path: Path, root: Path) -> str:
 
 def caption_for(image: Path, config: BackendConfig) -> str:
     """The caption of one image under its backend's `caption_strategy`."""
+    if config.only_instance_prompt:
+        return config.instance_prompt or ""
+    caption = _own_caption(image, config)
+    if config.prepend_instance_prompt and config.instance_prompt:
+        return f"{config.instance_prompt} {caption}".strip()
+    return caption
+
+
+def _own_caption(image: Path, config: BackendConfig) -> str:
     strategy = config.caption_strategy
     if strategy == "instanceprompt":
         return config.instance_prompt or ""
@@ -181,7 +205,10 @@ def build_backends(
     if backend_configs is None:
         backend_configs = _backend_configs(config)
     source = config.data_backend_config or "dataloader config"
-    enabled = [b for b in backend_configs if not b.disabled]
+    caches = _cache_folders(backend_configs)
+    enabled = [
+        b for b in backend_configs if not b.disabled and b.dataset_type in ("image", "conditioning")
+    ]
     folders = {b.id: Path(b.instance_data_dir).resolve() for b in enabled}
 
     def nested_folders(backend_id: str) -> list[Path]:
@@ -203,7 +230,10 @@ def build_backends(
         if bc.dataset_type != "image":
             continue
         root = folders[bc.id]
+        spec = bucket_spec(bc, config)
         samples = [Sample(p, sample_key(p, root), caption_for(p, bc)) for p in images]
+        if spec is not None and spec.reads_sizes:
+            samples = place_samples(samples, spec, f"{source}: backend '{bc.id}'")
         backends.append(
             Backend(
                 id=bc.id,
@@ -211,9 +241,18 @@ def build_backends(
                 slider_strength=bc.strength,
                 probability=bc.probability,
                 repeats=bc.repeats,
-                resolution=bc.resolution or config.resolution,
+                resolution=int(
+                    spec.square_side()
+                    if spec is not None and spec.is_square
+                    else bc.resolution
+                    if spec is None and bc.resolution
+                    else config.resolution
+                ),
                 root=root,
                 config=bc,
+                spec=spec,
+                latent_cache=Path(bc.cache_dir_vae) if bc.cache_dir_vae else None,
+                text_cache=caches.get(bc.text_embeds or "", caches.get("")),
             )
         )
     if not backends and not entries:
@@ -261,6 +300,7 @@ def build_backends(
                 conditioning_index(folders[ref.id], ref.id, nested_folders(ref.id)).items()
             )
         for backend in prompt_backends(entry, conditioning, config, world_size=world_size):
+            backend.text_cache = caches.get("")
             if backend.id in taken:
                 raise ConfigError(
                     f"slider_prompts entry '{entry.id}' makes backend '{backend.id}', which is "
@@ -271,6 +311,68 @@ def build_backends(
 
     check_balance(backends, allow_unbalanced=config.slider_allow_unbalanced, source=source)
     return backends
+
+
+def bucket_spec(backend: BackendConfig, config: TrainConfig) -> BucketSpec | None:
+    """A backend's bucket settings: its own keys, else the training config's (docs/design.md
+    §4.1). No key anywhere: None, the square centre crop at its resolution."""
+    from slider_cn.families import family_card
+
+    values = {**config.bucket_values(), **backend.bucket_values()}
+    resolution = backend.resolution or config.resolution
+    seed = config.seed
+    multiple = family_card(config.model_family).bucket_multiple
+    if not values:
+        return None
+    values.setdefault("resolution_type", "pixel_area")
+    values.setdefault("crop", False)
+    where = f"backend '{backend.id}'"
+    if values["resolution_type"] == "area" and backend.resolution is None:
+        # the training config's area was turned into pixel_area (config.py); so is this one's
+        values["resolution_type"] = "pixel_area"
+    if values["resolution_type"] != "area" and resolution < 8:
+        raise ConfigError(
+            f"{where}: resolution {resolution:g} is a megapixel count; set resolution_type: "
+            "area, or give the resolution in pixels"
+        )
+    if values.get("crop_aspect") in ("closest", "random") and not values.get("crop_aspect_buckets"):
+        raise ConfigError(
+            f"{where}: crop_aspect '{values['crop_aspect']}' picks from crop_aspect_buckets; "
+            "set crop_aspect_buckets (aspect ratios, e.g. [0.75, 1.0, 1.33])"
+        )
+    if "crop_aspect_buckets" in values:
+        values["crop_aspect_buckets"] = tuple(values["crop_aspect_buckets"])
+    return BucketSpec(resolution=float(resolution), multiple=multiple, seed=seed, **values)
+
+
+def place_samples(samples: list[Sample], spec: BucketSpec, where: str) -> list[Sample]:
+    """Each sample with its placement (file headers only); images the size filters leave out
+    are dropped and counted in one log line."""
+    from slider_cn.data.loading import upright_size
+
+    kept: list[Sample] = []
+    left_out: dict[str, int] = {}
+    for sample in samples:
+        size = upright_size(sample.path)
+        reason = spec.exclusion(size)
+        if reason is None:
+            kept.append(replace(sample, placement=place(spec, size, sample.key)))
+        else:
+            left_out[reason] = left_out.get(reason, 0) + 1
+    if left_out:
+        log.info(
+            "%s: left out %d of %d images (%s)",
+            where,
+            len(samples) - len(kept),
+            len(samples),
+            ", ".join(f"{n} {why}" for why, n in sorted(left_out.items())),
+        )
+    if not kept:
+        raise ConfigError(
+            f"{where}: every image is left out by minimum_image_size / minimum_aspect_ratio / "
+            "maximum_aspect_ratio; lower them or add larger images"
+        )
+    return kept
 
 
 def check_balance(backends: Sequence[Backend], *, allow_unbalanced: bool, source: str = "") -> None:
@@ -295,7 +397,18 @@ def check_balance(backends: Sequence[Backend], *, allow_unbalanced: bool, source
         )
 
 
-def _backend_configs(config: TrainConfig) -> list[BackendConfig]:
+def _cache_folders(configs: Sequence[BackendConfig]) -> dict[str, Path]:
+    """The text-embedding cache folder of each text_embeds backend by id; "" is the default
+    one (SimpleTuner's `default: true`, or the only one)."""
+    text = [b for b in configs if b.dataset_type == "text_embeds" and not b.disabled]
+    folders = {b.id: Path(b.cache_dir) for b in text if b.cache_dir}
+    default = [b for b in text if b.default] or (text if len(text) == 1 else [])
+    if default and default[0].cache_dir:
+        folders[""] = Path(default[0].cache_dir)
+    return folders
+
+
+def _backend_configs(config: TrainConfig, *, progress: bool = True) -> list[BackendConfig]:
     if config.data_backend_config is None:
         if config.slider_prompts is not None:
             return []  # a text slider without conditioning needs no dataloader config
@@ -303,7 +416,19 @@ def _backend_configs(config: TrainConfig) -> list[BackendConfig]:
             "data_backend_config is required to train: set it in the config or pass "
             "--data_backend_config FILE (or give text sliders in slider_prompts)"
         )
-    return load_backend_configs(config.data_backend_config)
+    configs = load_backend_configs(config.data_backend_config)
+    if any(b.type == "huggingface" and not b.disabled for b in configs):
+        from slider_cn.data.huggingface import as_local
+
+        configs = [
+            as_local(b, config.cache_path, progress=progress)
+            if b.type == "huggingface"
+            and not b.disabled
+            and b.dataset_type in ("image", "conditioning")
+            else b
+            for b in configs
+        ]
+    return configs
 
 
 def _suggest_id(word: str, ids: list[str]) -> str:
@@ -375,7 +500,7 @@ def training_backends(
     `<cache_dir>/conditioning` (a rerun reuses what is up to date) and links the result as the
     backend's conditioning data, so the rest of the data layer sees ordinary pairs.
     """
-    configs = _backend_configs(config)
+    configs = _backend_configs(config, progress=progress)
     if any(b.conditioning for b in configs if not b.disabled):
         from conditioning.inline import prepare_inline_conditioning
 

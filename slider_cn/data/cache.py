@@ -21,6 +21,7 @@ unreadable entry is re-encoded. ``stats`` counts hits, misses and encoder calls.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -34,7 +35,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from slider_cn.data.loading import Batch, image_pixels
+from slider_cn.data.buckets import Placement
+from slider_cn.data.loading import Batch, image_pixels, sample_placement
 from slider_cn.data.sampler import BatchPlan
 from slider_cn.errors import ConfigError
 
@@ -45,7 +47,7 @@ log = logging.getLogger(__name__)
 
 # Bump when the preprocessing or the stored format changes: old entries then miss.
 # 2: images are decoded by slider_cn/image_files.py (transparency on white, 16-bit to 8)
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 3: keyed by bucket placement (aspect buckets)
 PREPROCESSING = "resize-shorter-bicubic+center-crop"
 
 
@@ -87,8 +89,12 @@ class EncodedCache:
         *,
         device: torch.device | str | None = None,
         text_encoders_onloaded: Callable[[], AbstractContextManager] | None = None,
+        folders: dict[str, tuple[Path | None, Path | None]] | None = None,
     ):
         self.root = Path(cache_dir)
+        # backend id -> (latent folder, text folder) of dataloader backends that name their own
+        # (SimpleTuner's cache_dir_vae, and the cache_dir of their text_embeds backend)
+        self.folders = folders or {}
         # the scope in which the text encoders are on the device (slider_cn/offload.py)
         self.text_encoders_onloaded = text_encoders_onloaded or contextlib.nullcontext
         self.family = family
@@ -105,7 +111,9 @@ class EncodedCache:
         }
 
     # --- keys and files ----------------------------------------------------------------
-    def latent_key(self, path: Path, resolution: int) -> str:
+    def latent_key(self, path: Path, where: Placement | int) -> str:
+        """The cache key of an image's latent: the file (path, size, time), the encoder, and
+        where it trains (bucket, resize and crop; an int is a square of that resolution)."""
         try:
             stat = Path(path).stat()
         except OSError as exc:
@@ -121,7 +129,7 @@ class EncodedCache:
                 "encoder": "vae",
                 # latents encoded in fp16 must not serve a run that encodes in fp32
                 "vae_dtype": str(encoding_dtype(self.components.vae)),
-                "resolution": resolution,
+                "placement": dataclasses.asdict(where) if isinstance(where, Placement) else where,
                 "preprocessing": PREPROCESSING,
             }
         )
@@ -137,7 +145,11 @@ class EncodedCache:
             }
         )
 
-    def _file(self, kind: str, key: str) -> Path:
+    def _file(self, kind: str, key: str, backend: str | None = None) -> Path:
+        latent_dir, text_dir = self.folders.get(backend or "", (None, None))
+        own = latent_dir if kind == "latents" else text_dir
+        if own is not None:
+            return Path(own) / f"{key}.safetensors"
         return self.root / kind / f"{key}.safetensors"
 
     def _read(self, file: Path) -> dict[str, torch.Tensor] | None:
@@ -168,13 +180,18 @@ class EncodedCache:
     def latents(self, batch: Batch | BatchPlan) -> torch.Tensor:
         plan = batch.plan if isinstance(batch, Batch) else batch
         pixels = batch.pixels if isinstance(batch, Batch) else None
-        keys = [self.latent_key(s.path, plan.resolution) for s in plan.samples]
+        placements = (
+            batch.placements
+            if isinstance(batch, Batch) and batch.placements is not None
+            else [sample_placement(s, plan) for s in plan.samples]
+        )
+        keys = [self.latent_key(s.path, p) for s, p in zip(plan.samples, placements, strict=True)]
         found: dict[str, torch.Tensor] = {}
         missing: dict[str, int] = {}  # key -> first sample index (a pool may repeat an image)
         for i, key in enumerate(keys):
             if key in found or key in missing:
                 continue
-            entry = self._read(self._file("latents", key))
+            entry = self._read(self._file("latents", key, plan.backend))
             if entry is None:
                 missing[key] = i
             else:
@@ -187,18 +204,18 @@ class EncodedCache:
                 fresh = pixels[indices]
             else:
                 fresh = torch.stack(
-                    [image_pixels(plan.samples[i].path, plan.resolution) for i in indices]
+                    [image_pixels(plan.samples[i].path, placements[i]) for i in indices]
                 )
             with torch.no_grad(), vae_encoding_precision(self.components.vae):
                 encoded = self.family.encode_images(self.components, fresh)
             self.stats["vae_calls"] += 1
             for (key, i), latent in zip(missing.items(), encoded, strict=True):
                 self._write(
-                    self._file("latents", key),
+                    self._file("latents", key, plan.backend),
                     {"latent": latent},
                     {
                         "path": str(plan.samples[i].path),
-                        "resolution": str(plan.resolution),
+                        "bucket": placements[i].describe(),
                         "model": self.identity,
                     },
                 )
@@ -206,13 +223,13 @@ class EncodedCache:
         return torch.stack([found[k] for k in keys]).to(self.device)
 
     # --- text --------------------------------------------------------------------------
-    def text(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
+    def text(self, captions: Sequence[str], backend: str | None = None) -> dict[str, torch.Tensor]:
         found: dict[str, dict[str, torch.Tensor]] = {}
         missing: list[str] = []
         for caption in captions:
             if caption in found or caption in missing:
                 continue
-            entry = self._read(self._file("text", self.text_key(caption)))
+            entry = self._read(self._file("text", self.text_key(caption), backend))
             if entry is None:
                 missing.append(caption)
             else:
@@ -226,7 +243,7 @@ class EncodedCache:
             for i, caption in enumerate(missing):
                 entry = {name: tensor[i] for name, tensor in encoded.items()}
                 self._write(
-                    self._file("text", self.text_key(caption)),
+                    self._file("text", self.text_key(caption), backend),
                     entry,
                     {"caption": caption, "model": self.identity},
                 )

@@ -2,14 +2,16 @@
 
 `load_batch(plan)` returns a `Batch`:
 
-- ``pixels``: float32 (B, 3, R, R) in [-1, 1], R = the backend's resolution: the image
-  (EXIF orientation applied, RGB) with its shorter side resized to R (bicubic, antialiased),
-  then center-cropped to R x R. ``None`` with ``pixels=False`` (the latent cache loads the
-  pixels of cache misses itself).
-- ``conditioning_pixels``: float32 (B, 3, R, R) in [0, 1], the paired conditioning images
-  under the same crop (a conditioning image of another size is first resized to its
-  training image's size, bilinear), or ``None`` when the backend has no conditioning.
-- ``captions``, and the plan's ``backend``, ``slider_strength`` and ``sign``.
+- ``pixels``: float32 (B, 3, H, W) in [-1, 1], (W, H) the micro-batch's bucket: each image
+  (EXIF orientation applied, RGB) resized to cover its bucket (bicubic, antialiased) and
+  cropped to it, by its `Placement` (slider_cn/data/buckets.py; by default the shorter side to
+  the backend's resolution and the central square). ``None`` with ``pixels=False`` (the
+  latent cache loads the pixels of cache misses itself).
+- ``conditioning_pixels``: float32 (B, 3, H, W) in [0, 1], the paired conditioning images
+  under the same placement (a conditioning image of another size is resized straight to the
+  size its training image is resized to, bilinear, and the same box is cropped), or ``None``
+  when the backend has no conditioning.
+- ``captions``, ``placements``, and the plan's ``backend``, ``slider_strength`` and ``sign``.
 
 An unreadable or corrupt image is a ConfigError naming the file.
 
@@ -34,6 +36,8 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 from tqdm.auto import tqdm
 
+from slider_cn.data.backends import Sample
+from slider_cn.data.buckets import BucketSpec, Placement, place
 from slider_cn.data.sampler import BatchPlan
 from slider_cn.errors import ConfigError
 from slider_cn.image_files import open_rgb
@@ -74,30 +78,49 @@ def upright_size(path: Path) -> tuple[int, int]:
     return width, height
 
 
-def resize_center_crop(
+def resize_and_crop(
     image: Image.Image,
-    resolution: int,
+    placement: Placement,
     interpolation: InterpolationMode = InterpolationMode.BICUBIC,
 ) -> Image.Image:
-    """Shorter side to ``resolution``, then the central ``resolution`` square."""
-    image = TF.resize(image, resolution, interpolation=interpolation, antialias=True)
-    return TF.center_crop(image, [resolution, resolution])
+    """Resize to the placement's size, then crop its bucket (slider_cn/data/buckets.py)."""
+    width, height = placement.resized
+    if image.size != (width, height):
+        image = TF.resize(image, [height, width], interpolation=interpolation, antialias=True)
+    return image.crop(placement.box)
 
 
-def image_pixels(path: Path, resolution: int) -> torch.Tensor:
-    """(3, R, R) float32 in [-1, 1]."""
-    image = resize_center_crop(load_image(path), resolution)
-    return TF.to_tensor(image) * 2.0 - 1.0
+def square_placement(path: Path, resolution: int, key: str = "") -> Placement:
+    """The default placement: shorter side to ``resolution``, the central square."""
+    return place(BucketSpec(resolution=float(resolution)), upright_size(path), key)
 
 
-def conditioning_pixels(path: Path, image_path: Path | None, resolution: int) -> torch.Tensor:
-    """(3, R, R) float32 in [0, 1], cropped like the training image at ``image_path`` (a text
-    slider's conditioning image has no training image: it is cropped as it is)."""
+def sample_placement(sample: Sample, plan: BatchPlan) -> Placement:
+    """Where a training image of ``plan`` trains (placed now under the default square crop)."""
+    if sample.placement is not None:
+        return sample.placement
+    spec = plan.spec or BucketSpec(resolution=float(plan.resolution))
+    return place(spec, upright_size(sample.path), sample.key)
+
+
+def image_pixels(path: Path, where: Placement | int) -> torch.Tensor:
+    """(3, H, W) float32 in [-1, 1]; ``where`` a placement or a square resolution."""
+    placement = where if isinstance(where, Placement) else square_placement(path, where)
+    return TF.to_tensor(resize_and_crop(load_image(path), placement)) * 2.0 - 1.0
+
+
+def conditioning_pixels(
+    path: Path, image_path: Path | None, where: Placement | int
+) -> torch.Tensor:
+    """(3, H, W) float32 in [0, 1] under its training image's placement: resized to the size
+    the training image is resized to (whatever its own size), then the same box is cropped.
+    A text slider's conditioning image has no training image: it is placed as it is."""
+    if isinstance(where, Placement):
+        placement = where
+    else:
+        placement = square_placement(image_path if image_path is not None else path, where)
     conditioning = load_image(path)
-    size = upright_size(image_path) if image_path is not None else conditioning.size
-    if conditioning.size != size:
-        conditioning = conditioning.resize(size, Image.Resampling.BILINEAR)
-    return TF.to_tensor(resize_center_crop(conditioning, resolution, InterpolationMode.BILINEAR))
+    return TF.to_tensor(resize_and_crop(conditioning, placement, InterpolationMode.BILINEAR))
 
 
 @dataclass
@@ -108,6 +131,21 @@ class Batch:
     pixels: torch.Tensor | None
     conditioning_pixels: torch.Tensor | None
     captions: list[str]
+    # each training image's placement (None for a text slider's micro-batch)
+    placements: list[Placement] | None = None
+
+    def geometry(self) -> torch.Tensor | None:
+        """(B, 6): original height and width, crop top and left, target height and width —
+        SDXL's micro-conditioning, as its training scripts compute it."""
+        if self.placements is None:
+            return None
+        return torch.tensor(
+            [
+                [p.source[1], p.source[0], p.top, p.left, p.bucket[1], p.bucket[0]]
+                for p in self.placements
+            ],
+            dtype=torch.float32,
+        )
 
     @property
     def backend(self) -> str:
@@ -130,9 +168,12 @@ def load_batch(plan: BatchPlan, *, pixels: bool = True, conditioning: bool = Tru
     """Load a plan's images (``pixels``) and conditioning images (``conditioning``)."""
     samples = plan.samples
     # a text slider's micro-batch has no training images: its x_t is generated
-    pixels = pixels and plan.prompt is None
+    placements = None if plan.prompt is not None else [sample_placement(s, plan) for s in samples]
+    pixels = pixels and placements is not None
     image_tensor = (
-        torch.stack([image_pixels(s.path, plan.resolution) for s in samples]) if pixels else None
+        torch.stack([image_pixels(s.path, p) for s, p in zip(samples, placements, strict=True)])
+        if pixels
+        else None
     )
     cond_tensor = None
     paired = [s.conditioning is not None for s in samples]
@@ -142,10 +183,14 @@ def load_batch(plan: BatchPlan, *, pixels: bool = True, conditioning: bool = Tru
             raise ConfigError(
                 f"backend '{plan.backend}': no conditioning image for {', '.join(missing)}"
             )
+        where = placements or [plan.resolution] * len(samples)
         cond_tensor = torch.stack(
-            [conditioning_pixels(s.conditioning, s.path, plan.resolution) for s in samples]
+            [
+                conditioning_pixels(s.conditioning, s.path, p)
+                for s, p in zip(samples, where, strict=True)
+            ]
         )
-    return Batch(plan, image_tensor, cond_tensor, [s.caption for s in samples])
+    return Batch(plan, image_tensor, cond_tensor, [s.caption for s in samples], placements)
 
 
 def prefetch_batches(

@@ -49,6 +49,7 @@ from typing import Any
 import numpy as np
 
 from slider_cn.data.backends import Backend, Sample
+from slider_cn.data.buckets import BucketSpec
 from slider_cn.data.prompts import PromptTask
 from slider_cn.errors import ConfigError
 
@@ -71,6 +72,16 @@ class BatchPlan:
     samples: tuple[Sample, ...]
     resolution: int
     prompt: PromptTask | None = None  # set for the micro-batches of a text slider
+    spec: BucketSpec | None = None  # the backend's bucket settings (None: square)
+
+    @property
+    def bucket(self) -> tuple[int, int]:
+        """(width, height) of every image of this micro-batch."""
+        first = self.samples[0].placement if self.samples else None
+        if first is not None:
+            return first.bucket
+        side = self.spec.square_side() if self.spec is not None else self.resolution
+        return side, side
 
     @property
     def files(self) -> list[str]:
@@ -93,6 +104,7 @@ class BatchPlan:
             "backend": self.backend,
             "slider_strength": self.slider_strength,
             "sign": self.sign,
+            "bucket": "{}x{}".format(*self.bucket),
             "files": self.files,
         }
         if self.prompt is not None:
@@ -137,25 +149,38 @@ class SliderSampler:
         self.rank = rank
         self.world_size = world_size
         self.global_batch = batch_size * world_size
-        too_small = [b for b in self.backends if b.samples_per_epoch < self.global_batch]
+        # sample indices of each bucket, per backend (one bucket without aspect buckets)
+        self._buckets = [_bucket_members(b) for b in self.backends]
+        self._batches_per_backend = [
+            sum(len(m) * (b.repeats + 1) // self.global_batch for m in members.values())
+            for b, members in zip(self.backends, self._buckets, strict=True)
+        ]
+        too_small = [
+            b for b, n in zip(self.backends, self._batches_per_backend, strict=True) if n == 0
+        ]
         if too_small:
             lines = [
                 f"backend '{b.id}' has {b.samples_per_epoch} samples per epoch "
-                f"({len(b.samples)} images x {b.repeats + 1} passes)"
-                for b in too_small
+                f"({len(b.samples)} images x {b.repeats + 1} passes"
+                + (
+                    f", the largest of its {len(m)} buckets {max(map(len, m.values()))} images"
+                    if len(m) > 1
+                    else ""
+                )
+                + ")"
+                for b, m in zip(self.backends, self._buckets, strict=True)
+                if b in too_small
             ]
             raise ConfigError(
                 "; ".join(lines) + f", fewer than one batch of {self.global_batch} "
                 f"(train_batch_size {batch_size} x {world_size} processes), so it would never "
                 "be drawn; add images or repeats, or lower train_batch_size"
             )
-        self._batches_per_backend = [
-            b.samples_per_epoch // self.global_batch for b in self.backends
-        ]
         self.epoch = 0
         self.index = 0
         self._schedule_cache: tuple[int, list[tuple[int, int]]] | None = None
         self._pool_cache: dict[tuple[int, int], np.ndarray] = {}
+        self._batch_cache: dict[tuple[int, int], list[np.ndarray]] = {}
         self._fingerprint: str | None = None
 
     # --- the schedule ------------------------------------------------------------------
@@ -176,8 +201,34 @@ class SliderSampler:
             self._pool_cache[(epoch, backend_index)] = cached
         return cached
 
+    def _global_batches(self, backend_index: int, epoch: int) -> list[np.ndarray]:
+        """One backend's global batches of ``epoch``, in order: its pool read in order, each
+        sample joining its bucket's batch, a batch complete when it holds a global batch.
+        What is left in a bucket at the end is not used this epoch (remainder policy: drop)."""
+        cached = self._batch_cache.get((epoch, backend_index))
+        if cached is None:
+            if any(e != epoch for e, _ in self._batch_cache):
+                self._batch_cache.clear()
+            pool = self._pool(backend_index, epoch)
+            g = self.global_batch
+            members = self._buckets[backend_index]
+            if len(members) == 1:
+                cached = [pool[i * g : (i + 1) * g] for i in range(len(pool) // g)]
+            else:
+                bucket_of = {i: b for b, indices in members.items() for i in indices}
+                filling: dict[tuple[int, int], list[int]] = {}
+                cached = []
+                for i in pool:
+                    batch = filling.setdefault(bucket_of[int(i)], [])
+                    batch.append(int(i))
+                    if len(batch) == g:
+                        cached.append(np.asarray(batch))
+                        filling[bucket_of[int(i)]] = []
+            self._batch_cache[(epoch, backend_index)] = cached
+        return cached
+
     def schedule(self, epoch: int) -> list[tuple[int, int]]:
-        """(backend index, pool offset) of every global batch of ``epoch``, in order."""
+        """(backend index, batch number in the backend) of every global batch of ``epoch``."""
         if self._schedule_cache is not None and self._schedule_cache[0] == epoch:
             return self._schedule_cache[1]
         left = list(self._batches_per_backend)
@@ -202,7 +253,7 @@ class SliderSampler:
                 cumulative = np.cumsum(weights) / sum(weights)
                 pick = int(np.searchsorted(cumulative, uniforms[index], side="right"))
                 chosen = candidates[min(pick, len(candidates) - 1)]
-            plan.append((chosen, taken[chosen] * self.global_batch))
+            plan.append((chosen, taken[chosen]))
             taken[chosen] += 1
             left[chosen] -= 1
             if left[chosen] == 0:
@@ -213,11 +264,11 @@ class SliderSampler:
 
     def plan_at(self, epoch: int, index: int) -> BatchPlan:
         """The plan of micro-batch ``index`` of ``epoch`` for this rank."""
-        backend_index, start = self.schedule(epoch)[index]
+        backend_index, number = self.schedule(epoch)[index]
         backend = self.backends[backend_index]
-        pool = self._pool(backend_index, epoch)
-        first = start + self.rank * self.batch_size
-        chosen = pool[first : first + self.batch_size]
+        batch = self._global_batches(backend_index, epoch)[number]
+        first = self.rank * self.batch_size
+        chosen = batch[first : first + self.batch_size]
         return BatchPlan(
             step=epoch * len(self) + index,
             epoch=epoch,
@@ -228,6 +279,7 @@ class SliderSampler:
             samples=tuple(backend.samples[int(i)] for i in chosen),
             resolution=backend.resolution,
             prompt=backend.prompt,
+            spec=backend.spec,
         )
 
     # --- iteration and position --------------------------------------------------------
@@ -258,7 +310,7 @@ class SliderSampler:
 
     def _compute_fingerprint(self) -> str:
         description = [
-            [b.id, b.sign, b.probability, b.repeats, [s.key for s in b.samples]]
+            [b.id, b.sign, b.probability, b.repeats, [_sample_id(s) for s in b.samples]]
             for b in self.backends
         ]
         return hashlib.sha256(json.dumps(description).encode("utf-8")).hexdigest()[:16]
@@ -304,6 +356,21 @@ class SliderSampler:
             raise ConfigError(f"sampler state index {state['index']} outside 0..{len(self)}")
         self.epoch = int(state["epoch"])
         self.index = int(state["index"])
+
+
+def _bucket_members(backend: Backend) -> dict[tuple[int, int] | None, list[int]]:
+    members: dict[tuple[int, int] | None, list[int]] = {}
+    for i, sample in enumerate(backend.samples):
+        bucket = sample.placement.bucket if sample.placement is not None else None
+        members.setdefault(bucket, []).append(i)
+    return members
+
+
+def _sample_id(sample: Sample) -> Any:
+    # with aspect buckets, an image's bucket is part of the sequence (batches group by it)
+    if sample.placement is None:
+        return sample.key
+    return [sample.key, *sample.placement.bucket]
 
 
 def preview(sampler: SliderSampler, count: int) -> Iterator[BatchPlan]:

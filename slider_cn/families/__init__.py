@@ -44,6 +44,8 @@ class FamilyCard:
     options: frozenset[str] = frozenset()
     # False for families diffusers has no ControlNet for: LoRA mode without a ControlNet only
     controlnet: bool = True
+    # aspect buckets are multiples of this many pixels (VAE factor x patch size)
+    bucket_multiple: int = 16
 
     def validation_guidance(self, model: str) -> float:
         for marker, guidance in self.guidance_by_model:
@@ -54,8 +56,12 @@ class FamilyCard:
 
 FAMILIES: dict[str, FamilyCard] = {
     # guidance: each pipeline's own default
-    "sd1x": FamilyCard("slider_cn.families.sd1x:SD1xFamily", resolution=512, guidance=7.5),
-    "sdxl": FamilyCard("slider_cn.families.sdxl:SDXLFamily", resolution=1024, guidance=5.0),
+    "sd1x": FamilyCard(
+        "slider_cn.families.sd1x:SD1xFamily", resolution=512, guidance=7.5, bucket_multiple=8
+    ),
+    "sdxl": FamilyCard(
+        "slider_cn.families.sdxl:SDXLFamily", resolution=1024, guidance=5.0, bucket_multiple=8
+    ),
     "sd3": FamilyCard(
         "slider_cn.families.sd3:SD3Family", resolution=1024, guidance=7.0, options=FLOW_OPTIONS
     ),

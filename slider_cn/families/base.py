@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 
+from slider_cn.losses import denoising_loss, huber_threshold
 from slider_cn.targets.spec import ArchitectureTargets
 
 if TYPE_CHECKING:
     from slider_cn.config import TrainConfig
+
+# pipelines already warned about not taking validation_guidance_rescale (warned once each)
+_WARNED_NO_RESCALE: set[str] = set()
 
 
 @dataclass
@@ -199,8 +204,36 @@ class ModelFamily:
         target: torch.Tensor,
         timesteps: torch.Tensor,
     ) -> torch.Tensor:
-        """The denoising loss of one forward; families with loss weighting override it."""
-        return F.mse_loss(prediction.float(), target.float())
+        """The denoising loss of one forward: `loss_type` (slider_cn/losses.py) over the
+        elements; families with loss weighting override it and pass their weights."""
+        return denoising_loss(
+            prediction,
+            target,
+            self.config.loss_type,
+            self.huber_threshold(components, timesteps),
+        )
+
+    def huber_threshold(
+        self, components: Components, timesteps: torch.Tensor
+    ) -> torch.Tensor | None:
+        """The pseudo-Huber threshold of each sample (None for `l2`), on `huber_schedule`."""
+        config = self.config
+        if config.loss_type == "l2":
+            return None
+        return huber_threshold(
+            config.huber_schedule,
+            config.huber_c,
+            timesteps,
+            num_train_timesteps=components.noise_scheduler.config.num_train_timesteps,
+            noise_ratio=lambda: self.noise_ratio(components, timesteps),
+        )
+
+    def noise_ratio(self, components: Components, timesteps: torch.Tensor) -> torch.Tensor:
+        """Noise level over signal level of the noisy input at ``timesteps`` (1/sqrt(SNR)),
+        per sample: sqrt((1 - alpha_bar) / alpha_bar) on the DDPM schedule."""
+        alphas = components.noise_scheduler.alphas_cumprod.float()
+        alpha_bar = alphas[timesteps.detach().long().cpu()]
+        return ((1.0 - alpha_bar) / alpha_bar).sqrt()
 
     def training_target(
         self,
@@ -304,24 +337,43 @@ class ModelFamily:
     ) -> dict[str, Any]:
         """Keyword arguments for one call of the validation pipeline, except the generator.
 
-        ``prompt``; ``height``/``width`` from ``config.resolution``; ``num_inference_steps`` from
+        ``prompt``; ``height``/``width`` from ``config.validation_size`` (``validation_resolution``,
+        else ``resolution``); ``num_inference_steps`` from
         ``validation_num_inference_steps``; the guidance scale from ``validation_guidance``
         under the pipeline's own name; and, when ``conditioning_image`` (a PIL image) is given,
         that image under the pipeline's own name (``image`` for SD/SDXL ControlNet pipelines,
-        ``control_image`` for others) plus ``controlnet_conditioning_scale``. Never a
+        ``control_image`` for others) plus ``controlnet_conditioning_scale``;
+        ``guidance_rescale`` (``validation_guidance_rescale``, when set) for pipelines that
+        take it, a warning once for those that do not. Never a
         ``cross_attention_kwargs`` / ``joint_attention_kwargs`` scale: it would scale every
         adapter, the assistant included (docs/design.md §8.2, §8.8).
         """
+        width, height = config.validation_size
         kwargs: dict[str, Any] = {
             "prompt": prompt,
-            "height": config.resolution,
-            "width": config.resolution,
+            "height": height,
+            "width": width,
             "num_inference_steps": config.validation_num_inference_steps,
             "guidance_scale": config.validation_guidance,
         }
         if conditioning_image is not None:
             kwargs[self.control_image_argument] = conditioning_image
             kwargs["controlnet_conditioning_scale"] = config.controlnet_conditioning_scale
+        if config.validation_guidance_rescale:
+            pipeline = (
+                self.controlnet_pipeline_class
+                if conditioning_image is not None and self.controlnet_pipeline_class is not None
+                else self.pipeline_class
+            )
+            if "guidance_rescale" in inspect.signature(pipeline.__call__).parameters:
+                kwargs["guidance_rescale"] = config.validation_guidance_rescale
+            elif pipeline.__name__ not in _WARNED_NO_RESCALE:
+                _WARNED_NO_RESCALE.add(pipeline.__name__)
+                logging.getLogger("slider_cn.validate").warning(
+                    "validation_guidance_rescale %s is not used: %s takes no guidance_rescale",
+                    config.validation_guidance_rescale,
+                    pipeline.__name__,
+                )
         return kwargs
 
     def encoder_identity(self) -> str:

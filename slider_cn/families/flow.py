@@ -18,7 +18,8 @@ only shape an inference schedule (karras/exponential/beta sigmas, shift_terminal
 to training and are ignored.
 
 Loss weighting (``flow_loss_weighting``): ``none`` (plain MSE, default), or diffusers'
-``sigma_sqrt`` / ``cosmap`` weights (diffusers.training_utils.compute_loss_weighting_for_sd3).
+``sigma_sqrt`` / ``cosmap`` weights (diffusers.training_utils.compute_loss_weighting_for_sd3),
+multiplying the element losses of ``loss_type`` (slider_cn/losses.py).
 
 Text conditioning is computed by the family's own diffusers pipeline (``encode_prompt``), so
 what training sees is what inference sees. ControlNet conditioning images are encoded with the
@@ -32,12 +33,12 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from diffusers import AutoencoderKL
 
 from slider_cn import precision
 from slider_cn.errors import ConfigError
 from slider_cn.families.base import Components, ModelFamily
+from slider_cn.losses import denoising_loss
 
 # Tiny VAEs: four levels give the real 8x spatial factor, so 64 px images make 8x8 latents.
 TINY_VAE_BLOCKS = (8, 16, 16, 16)
@@ -224,14 +225,22 @@ class FlowMatchingFamily(ModelFamily):
         return (sigmas * self.num_train_timesteps(components)).to(latents.device)
 
     def loss(self, components, prediction, target, timesteps) -> torch.Tensor:
+        # `loss_type` per element (slider_cn/losses.py), times the flow_loss_weighting weights
         scheme = self.config.flow_loss_weighting
-        if scheme == "none":
-            return F.mse_loss(prediction.float(), target.float())
-        from diffusers.training_utils import compute_loss_weighting_for_sd3
+        weights = None
+        if scheme != "none":
+            from diffusers.training_utils import compute_loss_weighting_for_sd3
 
-        sigma = self.sigmas(components, timesteps).to(prediction.device)
-        weights = compute_loss_weighting_for_sd3(scheme, sigma.view(-1, 1, 1, 1))
-        return (weights * (prediction.float() - target.float()) ** 2).mean()
+            sigma = self.sigmas(components, timesteps).to(prediction.device)
+            shape = (-1,) + (1,) * (prediction.ndim - 1)
+            weights = compute_loss_weighting_for_sd3(scheme, sigma.view(shape))
+        threshold = self.huber_threshold(components, timesteps)
+        return denoising_loss(prediction, target, self.config.loss_type, threshold, weights)
+
+    def noise_ratio(self, components, timesteps) -> torch.Tensor:
+        # noisy = (1 - sigma) x + sigma * noise: noise level over signal level
+        sigma = self.sigmas(components, timesteps).float().reshape(-1).clamp(max=1.0 - 1e-6)
+        return sigma / (1.0 - sigma)
 
     # --- pipelines -------------------------------------------------------------------------
     def pipeline(self, components: Components):

@@ -93,21 +93,25 @@ class SDXLFamily(StableDiffusionFamily):
         return {"encoder_hidden_states": torch.cat(hidden, dim=-1), "pooled_prompt_embeds": pooled}
 
     def add_time_ids(
-        self, batch_size: int, resolution: int, device=None, dtype=None
+        self, batch_size: int, height: int, width: int | None = None, device=None, dtype=None
     ) -> torch.Tensor:
-        """SDXL micro-conditioning: original size, crop top-left, target size.
-
-        Training images are resized and centre-cropped to a square, so original = target size
-        and the crop offset is 0.
-        """
-        ids = torch.tensor(
-            [resolution, resolution, 0, 0, resolution, resolution], device=device, dtype=dtype
-        )
+        """SDXL micro-conditioning without a source image: original size = target size, crop
+        at the origin (what the pipeline passes at inference)."""
+        width = height if width is None else width
+        ids = torch.tensor([height, width, 0, 0, height, width], device=device, dtype=dtype)
         return ids.unsqueeze(0).repeat(batch_size, 1)
 
     def _unet_kwargs(self, cond, noisy):
-        resolution = noisy.shape[-1] * self.vae_scale_factor
-        time_ids = self.add_time_ids(noisy.shape[0], resolution, noisy.device, noisy.dtype)
+        geometry = cond.get("image_geometry")
+        if geometry is not None:
+            # training images: their own original size, crop top-left and bucket
+            # (slider_cn/data/loading.py Batch.geometry), as SDXL's training scripts give them
+            repeat = noisy.shape[0] // geometry.shape[0]
+            time_ids = geometry.to(noisy.device, noisy.dtype).repeat(repeat, 1)
+        else:
+            height = noisy.shape[-2] * self.vae_scale_factor
+            width = noisy.shape[-1] * self.vae_scale_factor
+            time_ids = self.add_time_ids(noisy.shape[0], height, width, noisy.device, noisy.dtype)
         return {
             "encoder_hidden_states": cond["encoder_hidden_states"],
             "added_cond_kwargs": {

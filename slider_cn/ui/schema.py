@@ -49,6 +49,7 @@ _TAB_KEYS = {
         "data_backend_config",
         "resolution",
         "cache_dir",
+        "caption_dropout_probability",
         "slider_prompts",
         "slider_allow_unbalanced",
     ),
@@ -61,6 +62,8 @@ _TAB_KEYS = {
         "validation_num_inference_steps",
         "validation_guidance",
         "validation_seed",
+        "validation_resolution",
+        "validation_guidance_rescale",
     ),
 }
 TAB_OF = {key: tab for tab, keys in _TAB_KEYS.items() for key in keys}
