@@ -71,7 +71,7 @@ class TrainConfig(BucketOptions):
     )
     model_family: str = Field(
         "sd1x",
-        description="Model family: `sd1x` (SD 1.x/2.x), `sdxl`, `sd3` (SD3/3.5), `flux` (Flux.1) or `zimage` (Z-Image / Turbo).",
+        description="Model family: `sd1x` (SD 1.x/2.x), `sdxl`, `sd3` (SD3/3.5), `flux` (Flux.1), `zimage` (Z-Image / Turbo), `qwenimage`, `sana`, `flux2`, `chroma`, `hidream`, `lumina2`, `auraflow`, `pixart` (PixArt-Σ), `cosmos` (Cosmos 2) or `kandinsky5` (see Model families).",
     )
     pretrained_model_name_or_path: str = Field(
         "tiny",
@@ -318,7 +318,7 @@ class TrainConfig(BucketOptions):
     validation_guidance: float | None = Field(
         None,
         ge=0.0,
-        description="Guidance scale for validation; unset uses the family's usual one (7.5 sd1x, 5 sdxl, 7 sd3, 3.5 flux, 5 zimage, 0 Z-Image Turbo).",
+        description="Guidance scale for validation, under the pipeline's own name (`true_cfg_scale` for Qwen-Image); unset uses the family's usual one (its pipeline's default: 7.5 sd1x, 5 sdxl, 7 sd3, 3.5 flux, 5 zimage, 4 qwenimage, 4.5 sana, 4 flux2, 5 chroma, 5 hidream, 4 lumina2, 3.5 auraflow, 4.5 pixart, 7 cosmos, 3.5 kandinsky5; 0 for Z-Image Turbo and HiDream Dev / Fast, 1 for Qwen-Image Lightning).",
     )
     validation_seed: int | None = Field(
         None, ge=0, description="Seed of validation images; unset uses `seed`."

@@ -149,13 +149,20 @@ def test_a_fresh_controlnet_trains_its_zero_projections(tmp_path, family):
     adapter = attach_slider_adapter(controlnet, names, config)
     modules = dict(controlnet.named_modules())
     projections = [
-        p for n in controlnet_output_projections(controlnet, fam.name) for p in modules[n].parameters()
+        p
+        for n in controlnet_output_projections(controlnet, fam.name)
+        for p in modules[n].parameters()
     ]
     assert projections and all(p.abs().sum() == 0 for p in projections)  # zero-initialised
     for p in projections:
         p.requires_grad_(True)
     step = SliderStep(
-        fam, components, adapter, training_mode="controlnet", neutral_mode="preserve", max_strength=0.5
+        fam,
+        components,
+        adapter,
+        training_mode="controlnet",
+        neutral_mode="preserve",
+        max_strength=0.5,
     )
     inputs = StepInputs(
         latents=fam.initial_noise(components, 1, 64, torch.Generator().manual_seed(1)),

@@ -648,7 +648,6 @@ def test_flow_slider_effect_after_a_few_dozen_steps(family_name):
 def test_every_flow_matching_family_is_tested_here():
     from slider_cn.families import family_class, family_names
     from slider_cn.families.flow import FlowMatchingFamily
-
     from tests.test_family_contract import NEW
 
     # the first three are tested in depth here; later ones by tests/test_family_contract.py

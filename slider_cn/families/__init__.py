@@ -80,6 +80,79 @@ FAMILIES: dict[str, FamilyCard] = {
         guidance_by_model=(("turbo", 0.0),),
         options=FLOW_OPTIONS,
     ),
+    # true_cfg_scale (CFG against a blank negative prompt); Lightning-distilled ones sample at 1
+    "qwenimage": FamilyCard(
+        "slider_cn.families.qwenimage:QwenImageFamily",
+        resolution=1024,
+        guidance=4.0,
+        guidance_by_model=(("lightning", 1.0),),
+        options=FLOW_OPTIONS,
+    ),
+    # FLUX.2 [dev]'s distilled guidance input (flux_guidance_value in training)
+    "flux2": FamilyCard(
+        "slider_cn.families.flux2:Flux2Family",
+        resolution=1024,
+        guidance=4.0,
+        options=FLOW_OPTIONS | {"flux_guidance_value"},
+        controlnet=False,
+    ),
+    # ChromaPipeline's guidance is real classifier-free guidance
+    "chroma": FamilyCard(
+        "slider_cn.families.chroma:ChromaFamily",
+        resolution=1024,
+        guidance=5.0,
+        options=FLOW_OPTIONS,
+        controlnet=False,
+    ),
+    "lumina2": FamilyCard(
+        "slider_cn.families.lumina2:Lumina2Family",
+        resolution=1024,
+        guidance=4.0,
+        options=FLOW_OPTIONS,
+        controlnet=False,
+    ),
+    "auraflow": FamilyCard(
+        "slider_cn.families.auraflow:AuraFlowFamily",
+        resolution=1024,
+        guidance=3.5,
+        options=FLOW_OPTIONS,
+        controlnet=False,
+    ),
+    "sana": FamilyCard(
+        "slider_cn.families.sana:SanaFamily",
+        resolution=1024,
+        guidance=4.5,
+        options=FLOW_OPTIONS,
+        bucket_multiple=32,  # DC-AE's 32x latents
+    ),
+    # HiDream-I1-Dev / -Fast are guidance-distilled: their model cards sample without CFG
+    "hidream": FamilyCard(
+        "slider_cn.families.hidream:HiDreamFamily",
+        resolution=1024,
+        guidance=5.0,
+        guidance_by_model=(("i1-dev", 0.0), ("i1-fast", 0.0)),
+        options=FLOW_OPTIONS,
+        controlnet=False,
+    ),
+    "pixart": FamilyCard(
+        "slider_cn.families.pixart:PixArtFamily", resolution=1024, guidance=4.5, controlnet=False
+    ),
+    # Cosmos2TextToImagePipeline's default guidance_scale
+    "cosmos": FamilyCard(
+        "slider_cn.families.cosmos:CosmosFamily",
+        resolution=1024,
+        guidance=7.0,
+        options=FLOW_OPTIONS,
+        controlnet=False,
+    ),
+    # Kandinsky5T2IPipeline's default guidance_scale
+    "kandinsky5": FamilyCard(
+        "slider_cn.families.kandinsky5:Kandinsky5Family",
+        resolution=1024,
+        guidance=3.5,
+        options=FLOW_OPTIONS,
+        controlnet=False,
+    ),
 }
 
 
