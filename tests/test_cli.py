@@ -61,7 +61,11 @@ def test_readme_documents_every_key():
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     quickstart = readme.index("## Quickstart")
     assert readme.index("make demo") > quickstart and readme.index("make test") > quickstart
-    for key in (*KNOWN_KEYS, *BACKEND_KEYS, *ENTRY_KEYS):
+    from slider_cn.data.config import IGNORED_BACKEND_KEYS, UNSUPPORTED_BACKEND_KEYS
+
+    for key in (*KNOWN_KEYS, *BACKEND_KEYS, *ENTRY_KEYS, *IGNORED_BACKEND_KEYS):
+        assert f"| `{key}` |" in readme, key
+    for key in UNSUPPORTED_BACKEND_KEYS:
         assert f"| `{key}` |" in readme, key
 
 

@@ -1,5 +1,5 @@
 """A SimpleTuner user's files as they are (issue #14): a config.json written with `--` flags
-and SimpleTuner's keys, and a dataloader file with a `text_embeds` backend, an object-form
+and SimpleTuner's keys (and the same as config.toml and config.env), and a dataloader file with a `text_embeds` backend, an object-form
 `conditioning`, a `huggingface` backend on a local dataset saved by `datasets`, SimpleTuner's
 cache keys and `resolution_type: pixel_area` with `crop: false`, over local images of several
 aspect ratios. Each trains two steps with no edit, and what the keys say is what happens: the
@@ -145,6 +145,49 @@ def simpletuner_config() -> dict:
     }
 
 
+def as_toml(values: dict) -> str:
+    def value(v):
+        return str(v).lower() if isinstance(v, bool) else json.dumps(v)
+
+    return "".join(f'"{k}" = {value(v)}\n' for k, v in values.items())
+
+
+def as_env(values: dict) -> str:
+    """SimpleTuner's config.env: its variables, the rest in TRAINER_EXTRA_ARGS."""
+    names = {
+        "--model_type": "MODEL_TYPE",
+        "--model_family": "MODEL_FAMILY",
+        "--pretrained_model_name_or_path": "MODEL_NAME",
+        "--data_backend_config": "DATALOADER_CONFIG",
+        "--output_dir": "OUTPUT_DIR",
+        "--resolution": "RESOLUTION",
+        "--resolution_type": "RESOLUTION_TYPE",
+        "--aspect_bucket_rounding": "ASPECT_BUCKET_ROUNDING",
+        "--minimum_image_size": "MINIMUM_RESOLUTION",
+        "--seed": "TRAINING_SEED",
+        "--learning_rate": "LEARNING_RATE",
+        "--max_train_steps": "MAX_NUM_STEPS",
+        "--num_train_epochs": "NUM_EPOCHS",
+        "--checkpointing_steps": "CHECKPOINTING_STEPS",
+        "--train_batch_size": "TRAIN_BATCH_SIZE",
+        "--push_to_hub": "PUSH_TO_HUB",
+        "--hub_model_id": "HUB_MODEL_NAME",
+        "--validation_torch_compile": "VALIDATION_TORCH_COMPILE",
+        "--mixed_precision": "MIXED_PRECISION",
+    }
+    lines = [
+        f"export {names[k]}='{str(v).lower() if isinstance(v, bool) else v}'"
+        for k, v in values.items()
+        if k in names
+    ]
+    extra = " ".join(
+        f"{k}={str(v).lower() if isinstance(v, bool) else v}"
+        for k, v in values.items()
+        if k not in names
+    )
+    return "\n".join(["# SimpleTuner's config.env", *lines, f'export TRAINER_EXTRA_ARGS="{extra}"'])
+
+
 @pytest.fixture()
 def project(tmp_path):
     write_images(tmp_path)
@@ -158,6 +201,11 @@ def test_a_simpletuner_config_json_and_dataloader_train_as_they_are(project, mon
     (project / "config.json").write_text(json.dumps(simpletuner_config(), indent=2))
     config = load_config(project / "config.json")
     assert config.training_mode == "controlnet"
+    # the same settings as config.toml and as config.env read as the same config
+    (project / "config.toml").write_text(as_toml(simpletuner_config()))
+    (project / "config.env").write_text(as_env(simpletuner_config()))
+    for name in ("config.toml", "config.env"):
+        assert load_config(project / name).model_dump() == config.model_dump(), name
     result = train(config)
     out = Path(result.output_dir)
     lines = [json.loads(line) for line in (out / "train_log.jsonl").open()]
