@@ -285,3 +285,44 @@ def test_resume_mid_epoch_with_buckets_gives_the_uninterrupted_losses(tmp_path):
     resumed = run(tmp_path / "part", 5, resume=True)
     assert len(full) == 5
     assert resumed == pytest.approx(full, rel=1e-5, abs=1e-7)
+
+
+def test_without_bucket_keys_the_pixels_are_the_old_square_centre_crop():
+    """torchvision's resize-then-centre-crop, as slider-cn trained before buckets existed."""
+    from torchvision.transforms import functional as TF
+
+    from slider_cn.data.buckets import square_crop
+    from slider_cn.data.loading import resize_and_crop
+
+    rng = np.random.default_rng(0)
+    for w, h, r in [(4000, 3000, 512), (1000, 1501, 512), (97, 64, 64), (64, 97, 48)]:
+        image = Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+        old = TF.center_crop(
+            TF.resize(image, r, interpolation=TF.InterpolationMode.BICUBIC, antialias=True), [r, r]
+        )
+        assert np.array_equal(
+            np.array(resize_and_crop(image, square_crop((w, h), r))), np.array(old)
+        )
+
+
+def test_sizes_keep_the_unit_of_the_config_they_come_from(tmp_path):
+    from slider_cn.data.backends import bucket_spec
+    from slider_cn.data.config import BackendConfig
+
+    write_data(tmp_path, per_shape=1)
+    config = load_config(write_config(tmp_path, resolution_type="area", resolution=0.004))
+    assert config.resolution_type == "pixel_area" and config.resolution == 64
+    # a backend in megapixels under the training config's area: read as megapixels
+    spec = bucket_spec(BackendConfig(id="b", instance_data_dir=".", resolution=0.0025), config)
+    assert spec.resolution == pytest.approx(50.0)
+    # a backend in area with its own minimum: the inherited resolution becomes megapixels
+    own = BackendConfig(
+        id="c", instance_data_dir=".", resolution_type="area", minimum_image_size=0.003
+    )
+    spec = bucket_spec(own, config)
+    assert spec.resolution == pytest.approx(0.004096) and spec.minimum_image_size == 0.003
+    assert spec.exclusion((40, 40)) is not None and spec.exclusion((64, 64)) is None
+    # no bucket keys: a resolution below 8 pixels is a mistake, not an 8 px square
+    plain = load_config(write_config(tmp_path))
+    with pytest.raises(ConfigError, match="megapixel count"):
+        bucket_spec(BackendConfig(id="d", instance_data_dir=".", resolution=1.0), plain)

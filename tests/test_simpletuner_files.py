@@ -243,3 +243,46 @@ def test_simpletuner_keys_that_change_training_are_refused_by_name(project):
     (project / "multidatabackend.json").write_text(json.dumps(entries))
     with pytest.raises(ConfigError, match="unknown key 'crop_styel'.*did you mean 'crop_style'"):
         load_backend_configs(project / "multidatabackend.json")
+
+
+def test_instance_prompt_keys_and_a_rotated_16_bit_dataset_image(tmp_path):
+    """prepend_instance_prompt / only_instance_prompt; an EXIF-rotated and a 16-bit image of a
+    datasets dataset are written upright and in their own mode (trained as local files are)."""
+    import datasets
+
+    from slider_cn.data.backends import caption_for
+    from slider_cn.data.config import BackendConfig
+    from slider_cn.data.huggingface import materialise
+    from slider_cn.image_files import open_rgb
+
+    (tmp_path / "a.txt").write_text("a red box")
+    base = {"id": "b", "instance_data_dir": ".", "instance_prompt": "photo of sks"}
+    assert caption_for(
+        tmp_path / "a.png",
+        BackendConfig(**base, caption_strategy="textfile", prepend_instance_prompt=True),
+    ) == ("photo of sks a red box")
+    assert caption_for(
+        tmp_path / "a.png",
+        BackendConfig(**base, caption_strategy="instanceprompt", prepend_instance_prompt=True),
+    ) == ("photo of sks")
+    assert caption_for(tmp_path / "a.png", BackendConfig(**base, only_instance_prompt=True)) == (
+        "photo of sks"
+    )
+    rotated = tmp_path / "rotated.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    Image.new("RGB", (80, 40), (200, 30, 30)).save(rotated, exif=exif)
+    deep = Image.fromarray(np.arange(40 * 40, dtype=np.uint16).reshape(40, 40) * 40)
+    deep_path = tmp_path / "deep.png"
+    deep.save(deep_path)
+    data = datasets.Dataset.from_dict(
+        {"image": [str(rotated), str(deep_path)], "caption": ["r", "d"]}
+    ).cast_column("image", datasets.Image())
+    data.save_to_disk(str(tmp_path / "ds"))
+    folder = materialise(
+        BackendConfig(id="hf", type="huggingface", dataset_name=str(tmp_path / "ds")),
+        tmp_path / "cache",
+        progress=False,
+    )
+    assert open_rgb(folder / "000000.png").size == open_rgb(rotated).size == (40, 80)
+    assert np.array_equal(np.array(open_rgb(folder / "000001.png")), np.array(open_rgb(deep_path)))

@@ -23,6 +23,7 @@ model is loaded, so `slider-cn train --dry-run --plan N` can use it.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -113,7 +114,11 @@ def caption_for(image: Path, config: BackendConfig) -> str:
     if config.only_instance_prompt:
         return config.instance_prompt or ""
     caption = _own_caption(image, config)
-    if config.prepend_instance_prompt and config.instance_prompt:
+    if (
+        config.prepend_instance_prompt
+        and config.instance_prompt
+        and config.caption_strategy != "instanceprompt"
+    ):
         return f"{config.instance_prompt} {caption}".strip()
     return caption
 
@@ -313,23 +318,47 @@ def build_backends(
     return backends
 
 
+SIZE_KEYS = ("minimum_image_size", "maximum_image_size", "target_downsample_size")
+
+
 def bucket_spec(backend: BackendConfig, config: TrainConfig) -> BucketSpec | None:
     """A backend's bucket settings: its own keys, else the training config's (docs/design.md
     §4.1). No key anywhere: None, the square centre crop at its resolution."""
     from slider_cn.families import family_card
 
-    values = {**config.bucket_values(), **backend.bucket_values()}
-    resolution = backend.resolution or config.resolution
+    own = backend.bucket_values()
+    inherited = {k: v for k, v in config.bucket_values().items() if k not in own}
+    values = {**inherited, **own}
     seed = config.seed
     multiple = family_card(config.model_family).bucket_multiple
     if not values:
+        if backend.resolution is not None and backend.resolution < 8:
+            raise ConfigError(
+                f"backend '{backend.id}': resolution {backend.resolution:g} is a megapixel "
+                "count; set resolution_type: area, or give the resolution in pixels"
+            )
         return None
     values.setdefault("resolution_type", "pixel_area")
     values.setdefault("crop", False)
     where = f"backend '{backend.id}'"
-    if values["resolution_type"] == "area" and backend.resolution is None:
-        # the training config's area was turned into pixel_area (config.py); so is this one's
-        values["resolution_type"] = "pixel_area"
+    # Sizes keep the unit of the config they come from: the training config's are pixels
+    # (its `area` became `pixel_area`, config.py); this backend's are in its own type.
+    kind = values["resolution_type"]
+    own_sizes = {k: own[k] for k in SIZE_KEYS if k in own}
+    if backend.resolution is not None:
+        own_sizes["resolution"] = backend.resolution
+    config_sizes = {k: inherited[k] for k in SIZE_KEYS if k in inherited}
+    if backend.resolution is None:
+        config_sizes["resolution"] = config.resolution
+    if kind == "area":  # the training config's pixel_area sides as megapixels
+        config_sizes = {k: v * v / 1_000_000 for k, v in config_sizes.items()}
+    elif "resolution_type" not in own and own_sizes.get("resolution", 8) < 8:
+        # below 8 px it is megapixels, as under the training config's `area`
+        own_sizes = {k: math.sqrt(v * 1_000_000) for k, v in own_sizes.items()}
+        kind = values["resolution_type"] = "pixel_area"
+    sizes = {**config_sizes, **own_sizes}
+    resolution = sizes.pop("resolution")
+    values.update(sizes)
     if values["resolution_type"] != "area" and resolution < 8:
         raise ConfigError(
             f"{where}: resolution {resolution:g} is a megapixel count; set resolution_type: "

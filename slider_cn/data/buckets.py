@@ -194,6 +194,19 @@ def place(spec: BucketSpec, size: tuple[int, int], key: str = "") -> Placement:
     return Placement((width, height), (resized_w, resized_h), left, top, (bucket_w, bucket_h))
 
 
+def square_crop(size: tuple[int, int], resolution: int) -> Placement:
+    """slider-cn's default without bucket keys, exactly as before buckets existed (torchvision's
+    `resize(image, R)` then `center_crop(R)`): the longer side is cut down to a whole pixel and
+    the crop offset is rounded, so caches and runs of old configs see the same pixels."""
+    width, height = size
+    short, long = min(width, height), max(width, height)
+    new_long = int(resolution * long / short)
+    resized = (resolution, new_long) if width <= height else (new_long, resolution)
+    left = int(round((resized[0] - resolution) / 2.0))
+    top = int(round((resized[1] - resolution) / 2.0))
+    return Placement((width, height), resized, left, top, (resolution, resolution))
+
+
 def _rng(seed: int, key: str, stream: int) -> np.random.Generator:
     # per image, stable across runs and processes, independent of dataset order
     return np.random.default_rng([seed, zlib.crc32(key.encode("utf-8")), stream])

@@ -420,6 +420,11 @@ def load_backend_configs(path: str | Path) -> list[BackendConfig]:
         if backend.disabled:
             continue
         ref = backend.text_embeds
+        if ref is not None and ref in by_id and by_id[ref].disabled:
+            raise ConfigError(
+                f"{path}: backend '{backend.id}': text_embeds '{ref}' is disabled; enable it "
+                "or drop the reference (the default text cache is then used)"
+            )
         if ref is not None and (ref not in by_id or by_id[ref].dataset_type != "text_embeds"):
             known = [b.id for b in backends if b.dataset_type == "text_embeds"]
             raise ConfigError(

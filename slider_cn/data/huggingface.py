@@ -23,6 +23,8 @@ from slider_cn.data.config import BackendConfig
 from slider_cn.errors import ConfigError
 
 COMPLETE = ".complete"
+# what an export writes; a new version writes the folder again
+EXPORT_VERSION = 2
 
 
 def load_dataset(backend: BackendConfig) -> Any:
@@ -51,7 +53,9 @@ def load_dataset(backend: BackendConfig) -> Any:
     if isinstance(data, datasets.DatasetDict):
         data = data[backend.split]
     columns = list(data.column_names)
-    missing = [c for c in (backend.image_column, backend.caption_column) if c and c not in columns]
+    reads_captions = backend.caption_strategy in ("huggingface", "textfile", "filename")
+    wanted = [backend.image_column] + ([backend.caption_column] if reads_captions else [])
+    missing = [c for c in wanted if c and c not in columns]
     if missing:
         raise ConfigError(
             f"backend '{backend.id}': dataset {name} has no column {', '.join(map(repr, missing))} "
@@ -65,7 +69,7 @@ def materialise(backend: BackendConfig, cache_root: Path, *, progress: bool = Tr
     data = load_dataset(backend)
     fingerprint = getattr(data, "_fingerprint", None) or str(len(data))
     digest = hashlib.sha256(
-        f"{fingerprint}|{backend.image_column}|{backend.caption_column}".encode()
+        f"{fingerprint}|{backend.image_column}|{backend.caption_column}|{EXPORT_VERSION}".encode()
     ).hexdigest()[:12]
     folder = cache_root / "huggingface" / f"{_safe(backend.id)}-{digest}"
     if (folder / COMPLETE).is_file():
@@ -79,7 +83,7 @@ def materialise(backend: BackendConfig, cache_root: Path, *, progress: bool = Tr
         image = _as_image(row[backend.image_column], backend, index)
         stem = folder / f"{index:06d}"
         image.save(stem.with_suffix(".png"))
-        if backend.caption_column:
+        if backend.caption_column and backend.caption_column in row:
             caption = row[backend.caption_column]
             if isinstance(caption, list):  # several captions: the first
                 caption = caption[0] if caption else ""
@@ -100,17 +104,21 @@ def as_local(backend: BackendConfig, cache_root: Path, *, progress: bool = True)
 
 
 def _as_image(value: Any, backend: BackendConfig, index: int):
-    from PIL import Image
+    # Upright by EXIF, in the file's own mode (PNG keeps 16-bit, alpha and palettes), so
+    # the training decoder (image_files.open_rgb) treats it as it treats any local file.
+    from PIL import Image, ImageOps
 
-    if isinstance(value, Image.Image):
-        return value.convert("RGB") if value.mode not in ("RGB", "RGBA", "L") else value
     if isinstance(value, dict) and (value.get("bytes") or value.get("path")):
         import io
 
-        source = io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"]
-        return Image.open(source)
-    if isinstance(value, str) and Path(value).is_file():
-        return Image.open(value)
+        value = Image.open(io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"])
+    elif isinstance(value, str) and Path(value).is_file():
+        value = Image.open(value)
+    if isinstance(value, Image.Image):
+        image = ImageOps.exif_transpose(value)
+        if image.mode not in ("RGB", "RGBA", "L", "LA", "P", "I;16", "I"):
+            image = image.convert("RGBA" if "A" in image.mode else "RGB")
+        return image
     raise ConfigError(
         f"backend '{backend.id}': row {index} of column '{backend.image_column}' is not an "
         f"image ({type(value).__name__}); set image_column to the image column"

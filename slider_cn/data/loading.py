@@ -37,7 +37,7 @@ from torchvision.transforms import functional as TF
 from tqdm.auto import tqdm
 
 from slider_cn.data.backends import Sample
-from slider_cn.data.buckets import BucketSpec, Placement, place
+from slider_cn.data.buckets import Placement, place, square_crop
 from slider_cn.data.sampler import BatchPlan
 from slider_cn.errors import ConfigError
 from slider_cn.image_files import open_rgb
@@ -92,15 +92,16 @@ def resize_and_crop(
 
 def square_placement(path: Path, resolution: int, key: str = "") -> Placement:
     """The default placement: shorter side to ``resolution``, the central square."""
-    return place(BucketSpec(resolution=float(resolution)), upright_size(path), key)
+    return square_crop(upright_size(path), resolution)
 
 
 def sample_placement(sample: Sample, plan: BatchPlan) -> Placement:
     """Where a training image of ``plan`` trains (placed now under the default square crop)."""
     if sample.placement is not None:
         return sample.placement
-    spec = plan.spec or BucketSpec(resolution=float(plan.resolution))
-    return place(spec, upright_size(sample.path), sample.key)
+    if plan.spec is None:
+        return square_crop(upright_size(sample.path), plan.resolution)
+    return place(plan.spec, upright_size(sample.path), sample.key)
 
 
 def image_pixels(path: Path, where: Placement | int) -> torch.Tensor:

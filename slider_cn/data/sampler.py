@@ -12,7 +12,9 @@ Semantics, for one epoch:
   The pool is consumed in order, one *global* batch (`batch_size * world_size` samples) per
   turn. **Remainder policy: drop.** A backend with fewer samples left than a global batch is
   exhausted and leaves its group; its last `pool % global_batch` samples are not used this
-  epoch (the shuffle differs every epoch, so no image is left out for good). Every batch is
+  epoch (the shuffle differs every epoch, so no image is left out for good; with aspect
+  buckets, batches fill per bucket, and a bucket smaller than a global batch is never drawn,
+  which the sampler logs as a warning). Every batch is
   therefore full on every rank, and the epoch length is fixed: `len(sampler)` =
   sum over backends of `samples_per_epoch // global_batch`. A backend too small for even one
   global batch is a ConfigError.
@@ -41,6 +43,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -52,6 +55,8 @@ from slider_cn.data.backends import Backend, Sample
 from slider_cn.data.buckets import BucketSpec
 from slider_cn.data.prompts import PromptTask
 from slider_cn.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 SIGN_CYCLE = ("+", "-", "0")
 STATE_VERSION = 1
@@ -155,6 +160,23 @@ class SliderSampler:
             sum(len(m) * (b.repeats + 1) // self.global_batch for m in members.values())
             for b, members in zip(self.backends, self._buckets, strict=True)
         ]
+        for backend, members in zip(self.backends, self._buckets, strict=True):
+            # images of a bucket that never fills a batch are never trained: say so
+            short = {
+                b: len(m)
+                for b, m in members.items()
+                if len(m) * (backend.repeats + 1) < self.global_batch
+            }
+            if short and len(members) > 1 and rank == 0:
+                log.warning(
+                    "backend '%s': %d image(s) in bucket(s) %s never fill a batch of %d and are "
+                    "not trained; add images of those shapes, add repeats, or lower "
+                    "train_batch_size",
+                    backend.id,
+                    sum(short.values()),
+                    ", ".join(f"{w}x{h} ({n})" for (w, h), n in short.items()),
+                    self.global_batch,
+                )
         too_small = [
             b for b, n in zip(self.backends, self._batches_per_backend, strict=True) if n == 0
         ]
